@@ -1,0 +1,1 @@
+"""rareret: scaling sweeps that study rare-task retention (JAX/Flax)."""
