@@ -1,0 +1,136 @@
+"""`rareret-report WORKDIR`: plots and a markdown summary of a synthetic run.
+
+Writes WORKDIR/report/{phase_diagram.png, curves.png, report.md}. Reads only committed records,
+so it can run while the sweep is still writing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app  # noqa: E402
+
+from rareret.analysis import phase  # noqa: E402
+from rareret.errors import ConfigError, require  # noqa: E402
+
+
+def plot_phase_diagram(comparisons: dict[float, phase.PhaseComparison], path: str) -> None:
+    """Observed normalised loss (width × task) per learning rate, staircase N*_k(1) overlaid."""
+    fig, axes = plt.subplots(1, len(comparisons), squeeze=False,
+                             figsize=(1 + 5.5 * len(comparisons), 4.2))
+    for ax, (rate, comp) in zip(axes[0], comparisons.items()):
+        num_tasks = comp.observed_WxK.shape[1]
+        image = ax.imshow(comp.observed_WxK, origin="lower", aspect="auto", cmap="magma_r",
+                          vmin=0, vmax=1, extent=(0.5, num_tasks + 0.5, -0.5, len(comp.widths) - 0.5))
+        # Boundary row: the first grid width at or above the predicted critical width.
+        rows = np.array([np.searchsorted(comp.widths, n) for n in comp.staircase_K]) - 0.5
+        ax.step(np.arange(0.5, num_tasks + 1.5), np.append(rows, rows[-1]), where="post",
+                color="cyan", lw=2, label="Theorem 3: N*_k(1)")
+        ax.set_yticks(range(len(comp.widths)), [str(w) for w in comp.widths])
+        ax.set_xticks(range(1, num_tasks + 1, max(1, num_tasks // 16)))
+        ax.set_xlabel("task k (rarer →)")
+        ax.set_ylabel("width N")
+        ax.set_title(f"final normalised loss, lr={rate:g}")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.colorbar(image, ax=ax, label="ℓ_k / Tr C_k")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(run: phase.SyntheticRun, path: str) -> None:
+    """Per-task normalised loss over steps, one panel per width (first seed, first rate)."""
+    steps = run.metrics.read("step")
+    loss_RxMxK = run.metrics.read("task_loss")
+    widths_M = run.metrics.read("width")
+    widths = sorted(run.sweep.widths)
+    predicted_WxK = phase.theory.predicted_loss(run.mixture, widths)
+    cols = min(4, len(widths))
+    rows = -(-len(widths) // cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(3.6 * cols, 2.8 * rows),
+                             sharex=True, sharey=True)
+    colors = plt.cm.viridis(np.linspace(0, 1, run.mixture.num_tasks))
+    for ax, (i, width) in zip(axes.flat, enumerate(widths)):
+        m = int(np.flatnonzero(widths_M == width)[0])
+        for k in range(run.mixture.num_tasks):
+            ax.plot(steps, loss_RxMxK[:, m, k], color=colors[k], lw=1)
+            ax.axhline(predicted_WxK[i, k], color=colors[k], lw=0.6, ls=":")
+        ax.set_title(f"N = {width}")
+        ax.set_ylim(-0.02, 1.1)
+    for ax in axes.flat[len(widths):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("ℓ_k / Tr C_k")
+    fig.suptitle("per-task loss (colour: task, yellow = rarest); dotted: Theorem 3")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(run: phase.SyntheticRun, comparisons: dict[float, phase.PhaseComparison]) -> str:
+    steps = run.metrics.read("step")
+    lines = [
+        "# rareret synthetic sweep report", "",
+        f"- tasks K={run.mixture.num_tasks}, task dim d_T={run.mixture.task_dim}, "
+        f"input dim D={run.mixture.input_dim}, β={run.mixture.beta}, α={run.mixture.alpha}",
+        f"- widths {list(run.sweep.widths)}, seeds {list(run.sweep.seeds)}, "
+        f"batch {run.sweep.batch_size}, records {run.metrics.committed_records} "
+        f"(last step {int(steps[-1])} of {run.sweep.num_steps})",
+        "- learned: normalised loss ≤ 1 − λ_k1/(2 Tr C_k); observed critical width = smallest "
+        "grid width from which every wider model learned the task (0 = none).", "",
+        "![phase diagram](phase_diagram.png)", "", "![curves](curves.png)", ""]
+    for rate, comp in comparisons.items():
+        errors_K = np.mean(np.abs(comp.observed_WxK - comp.predicted_WxK), axis=0)
+        lines += [f"## learning rate {rate:g}", "",
+                  f"Mean |observed − predicted| normalised loss over all width × task cells: "
+                  f"**{comp.mean_abs_error:.4f}**; critical widths within one grid step: "
+                  f"**{int(np.sum(comp.grid_steps_off() <= 1))}/{len(errors_K)}** tasks.", "",
+                  "| task | prior | N*_k(1) | predicted critical width | observed critical width "
+                  "| mean abs error |", "|---|---|---|---|---|---|"]
+        priors = run.mixture.prior_array()
+        for k in range(len(errors_K)):
+            lines.append(f"| {k + 1} | {priors[k]:.4g} | {comp.staircase_K[k]} | "
+                         f"{comp.predicted_critical_K[k]} | {comp.observed_critical_K[k]} | "
+                         f"{errors_K[k]:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(workdir: str) -> str:
+    """Writes the report files and returns the path of report.md."""
+    require(os.path.isfile(os.path.join(workdir, "spec.json")),
+            f"{workdir} holds no rareret run (no spec.json)")
+    run = phase.SyntheticRun.load(workdir)
+    require(run.metrics.committed_records > 0, f"{workdir}: the run has no committed records yet")
+    out = os.path.join(workdir, "report")
+    os.makedirs(out, exist_ok=True)
+    rates = sorted(set(np.asarray(run.metrics.read("learning_rate")).tolist()))
+    comparisons = {rate: phase.compare_with_theory(run, learning_rate=rate) for rate in rates}
+    plot_phase_diagram(comparisons, os.path.join(out, "phase_diagram.png"))
+    plot_curves(run, os.path.join(out, "curves.png"))
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write(markdown(run, comparisons))
+    return path
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise app.UsageError("usage: rareret-report WORKDIR")
+    try:
+        print(write_report(argv[1]))
+    except ConfigError as e:
+        print(f"rareret-report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_main() -> None:
+    app.run(main)

@@ -1,0 +1,178 @@
+"""Many linear-bottleneck models of different widths, packed so one GEMM serves them all.
+
+Model m has a shared encoder W ∈ R^{N_m×D} and per-task decoders D_k ∈ R^{T×N_m}; it predicts
+ŷ = D_k W x for an example of task k (PAPER.md §1). Models are grouped by width: group g holds
+C models (seeds × learning rates × …) of width N_g, stored as
+
+    params[g] = {"encoder": [C, N_g, D], "decoders": [C, K, T, N_g]}
+
+and model index m = g·C + c. Nothing is padded to the widest width.
+
+The forward pass concatenates every encoder into one [ΣN, D] matrix, so the encoder (the bulk of
+the work) is one GEMM forward and one backward for all models. The decoders differ per example's
+task; instead of gathering a decoder copy per example, the batch (already sorted by task) is laid
+out in fixed-size *task tiles*: each tile holds rows of one task, short tasks are padded, and one
+batched matmul applies the tile's decoder to all its rows. The padding costs at most K·(tile−1)
+decoder rows and is masked out of the loss.
+
+Shapes: B batch, D input dim, K tasks, T task dim, C models per width group, N width, M models,
+L tiles of S rows each, R = L·S tiled rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = tuple  # One {"encoder", "decoders"} dict per width group.
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Static shape of a packed set of models: every width group holds `copies` models."""
+
+    widths: tuple[int, ...]
+    copies: int
+    num_tasks: int
+    task_dim: int
+    input_dim: int
+
+    @property
+    def num_models(self) -> int:
+        return len(self.widths) * self.copies
+
+    def model_widths(self) -> np.ndarray:
+        """Width of each model, [M]."""
+        return np.repeat(np.asarray(self.widths), self.copies)
+
+
+def init_params(layout: PackedLayout, keys_M: jax.Array) -> Params:
+    """Initialises every model from its own key, at its true width (PAPER.md §1).
+
+    Encoder rows are orthonormal; decoders use PyTorch's nn.Linear default, the Kaiming-uniform
+    fan-in rule U(−1/√N, 1/√N).
+    """
+    keys_GxC = keys_M.reshape(len(layout.widths), layout.copies)
+    params = []
+    for width, keys_C in zip(layout.widths, keys_GxC):
+        def one(key, width=width):
+            k_enc, k_dec = jax.random.split(key)
+            encoder = jax.nn.initializers.orthogonal()(k_enc, (width, layout.input_dim))
+            bound = 1.0 / np.sqrt(width)
+            decoders = jax.random.uniform(
+                k_dec, (layout.num_tasks, layout.task_dim, width), jnp.float32, -bound, bound)
+            return {"encoder": encoder.astype(jnp.float32), "decoders": decoders}
+        params.append(jax.vmap(one)(keys_C))
+    return tuple(params)
+
+
+class TaskTiles(NamedTuple):
+    """Where each example of a task-sorted batch sits in the task-tiled layout."""
+
+    slot_row_R: jax.Array  # Example held by each tile slot; B (a zero row) for padding.
+    row_slot_B: jax.Array  # Slot of each example.
+    tile_task: jax.Array  # Task of each tile, [R // tile].
+
+
+def task_tiles(task_B: jax.Array, num_tasks: int, tile: int) -> TaskTiles:
+    """Lays a batch sorted by task out in tiles of `tile` rows, each tile holding one task."""
+    batch = task_B.shape[0]
+    num_tiles = -(-batch // tile) + num_tasks  # Enough for any split of the batch into tasks.
+    counts_K = jnp.bincount(task_B, length=num_tasks)
+    tiles_K = -(-counts_K // tile)
+    first_tile_K = jnp.cumsum(tiles_K) - tiles_K
+    first_row_K = jnp.cumsum(counts_K) - counts_K
+    rows = jnp.arange(batch)
+    row_slot_B = first_tile_K[task_B] * tile + rows - first_row_K[task_B]
+    slot_row_R = jnp.full((num_tiles * tile,), batch, jnp.int32).at[row_slot_B].set(rows)
+    tile_task = jnp.searchsorted(jnp.cumsum(tiles_K), jnp.arange(num_tiles), side="right")
+    return TaskTiles(slot_row_R, row_slot_B, jnp.minimum(tile_task, num_tasks - 1))
+
+
+@jax.custom_vjp
+def _to_tiles(rows_BxF, slot_row_R, row_slot_B):
+    padded = jnp.concatenate([rows_BxF, jnp.zeros_like(rows_BxF[:1])])
+    return padded[slot_row_R]
+
+
+def _to_tiles_fwd(rows_BxF, slot_row_R, row_slot_B):
+    return _to_tiles(rows_BxF, slot_row_R, row_slot_B), row_slot_B
+
+
+def _to_tiles_bwd(row_slot_B, grad_RxF):
+    # Every example occupies exactly one slot, so the transpose is a gather, not a scatter-add.
+    return grad_RxF[row_slot_B], None, None
+
+
+_to_tiles.defvjp(_to_tiles_fwd, _to_tiles_bwd)
+
+
+def to_tiles(rows_BxF: jax.Array, tiles: TaskTiles) -> jax.Array:
+    """Rows of a task-sorted batch in task-tiled order, padding slots zero: [R, F]."""
+    return _to_tiles(rows_BxF, tiles.slot_row_R, tiles.row_slot_B)
+
+
+def losses(params: Params, x_BxD: jax.Array, y_BxT: jax.Array, tiles: TaskTiles) -> jax.Array:
+    """Each model's batch MSE (mean over B·T elements, as torch.nn.MSELoss), [M].
+
+    Padding slots hold zero inputs and zero targets, so they add nothing to the loss or gradient.
+    """
+    batch, task_dim = y_BxT.shape
+    num_tiles = tiles.tile_task.shape[0]
+    tile = tiles.slot_row_R.shape[0] // num_tiles
+    encoder_NxD = jnp.concatenate([p["encoder"].reshape(-1, x_BxD.shape[1]) for p in params])
+    hidden_RxN = to_tiles(x_BxD @ encoder_NxD.T, tiles)
+    y_LxSxT = to_tiles(y_BxT, tiles).reshape(num_tiles, tile, task_dim)
+    out, start = [], 0
+    for p in params:
+        copies, _, _, width = p["decoders"].shape
+        hidden_LxSxCxN = hidden_RxN[:, start:start + copies * width].reshape(
+            num_tiles, tile, copies, width)
+        start += copies * width
+        decoders_CxLxTxN = p["decoders"][:, tiles.tile_task]
+        pred_CxLxSxT = jnp.einsum("lscn,cltn->clst", hidden_LxSxCxN, decoders_CxLxTxN)
+        err_CxLxSxT = pred_CxLxSxT - y_LxSxT
+        out.append(jnp.sum(err_CxLxSxT * err_CxLxSxT, axis=(1, 2, 3)))
+    return jnp.concatenate(out) / (batch * task_dim)
+
+
+def population_task_loss(params: Params, sqrt_spectra_KxT: jax.Array) -> jax.Array:
+    """Exact normalised per-task loss under x ~ N(0, I), [M, K].
+
+    E‖D_k W x − T_k x‖² = ‖D_k W − T_k‖²_F with T_k = Λ_k^{1/2} B_kᵀ, divided by Tr(C_k) = Σ_j λ_kj.
+    """
+    num_tasks, task_dim = sqrt_spectra_KxT.shape
+
+    def one(encoder_NxD, decoders_KxTxN):
+        gram_NxN = encoder_NxD @ encoder_NxD.T
+        fitted_K = jnp.einsum("ktn,nm,ktm->k", decoders_KxTxN, gram_NxN, decoders_KxTxN)
+        own_NxKxT = encoder_NxD[:, : num_tasks * task_dim].reshape(-1, num_tasks, task_dim)
+        cross_K = jnp.einsum("ktn,nkt,kt->k", decoders_KxTxN, own_NxKxT, sqrt_spectra_KxT)
+        trace_K = jnp.sum(sqrt_spectra_KxT ** 2, axis=1)
+        return (fitted_K - 2 * cross_K + trace_K) / trace_K
+
+    return jnp.concatenate([jax.vmap(one)(p["encoder"], p["decoders"]) for p in params])
+
+
+def alignment(params: Params, sqrt_spectra_KxT: jax.Array) -> jax.Array:
+    """Subspace alignment s_k = Tr(P_W C_k) / Tr(C_k) of each encoder's row space, [M, K].
+
+    P_W projects onto the row space of W; its diagonal comes from the SVD (singular values below
+    the usual rank tolerance are dropped), never from an explicit (W Wᵀ)^{-1}.
+    """
+    num_tasks, task_dim = sqrt_spectra_KxT.shape
+    spectra_KxT = sqrt_spectra_KxT ** 2
+
+    def one(encoder_NxD):
+        _, sv_N, vt_NxD = jnp.linalg.svd(encoder_NxD, full_matrices=False)
+        tol = sv_N[0] * max(encoder_NxD.shape) * jnp.finfo(encoder_NxD.dtype).eps
+        kept_N = (sv_N > tol).astype(encoder_NxD.dtype)
+        proj_diag_D = jnp.einsum("n,nd->d", kept_N, vt_NxD * vt_NxD)
+        own_KxT = proj_diag_D[: num_tasks * task_dim].reshape(num_tasks, task_dim)
+        return jnp.sum(spectra_KxT * own_KxT, axis=1) / jnp.sum(spectra_KxT, axis=1)
+
+    return jnp.concatenate([jax.vmap(one)(p["encoder"]) for p in params])
