@@ -10,6 +10,7 @@ the workdir is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -36,55 +37,87 @@ RUN_MARKER = "spec.json"  # Present in every workdir that holds a run.
 
 
 @gin.configurable("run", denylist=["workdir"])
-def run(workdir: str, experiment: str = "synthetic") -> None:
-    """Builds the experiment's specs from gin (validating them), then runs it in `workdir`."""
+def run(workdir: str, experiment: str = "synthetic",
+        vary_mixture: dict[str, list] | None = None) -> None:
+    """Builds the experiment's specs from gin (validating them), then runs it in `workdir`.
+
+    `vary_mixture` ({field: [values]}, one field) runs one sweep per value, in
+    `workdir/<field>=<value>/`, for knobs that change the data stream (e.g. β).
+    """
     require(experiment in EXPERIMENTS,
             f"run.experiment={experiment!r} is not one of {list(EXPERIMENTS)}")
-    mixture, sweep = TaskMixture(), Sweep()
-    sweep.check_against(mixture)
-    prepare_workdir(workdir, FLAGS.overwrite)
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
-    sweep_lib.run_sweep(mixture, sweep, workdir)
-    if FLAGS.report:
-        from rareret.analysis import report  # matplotlib loads only when a report is wanted.
-        print(f"report: {report.write_report(workdir)}")
+    base, sweep = TaskMixture(), Sweep()
+    jobs = [(workdir, base)]
+    if vary_mixture:
+        require(len(vary_mixture) == 1 and all(isinstance(v, (list, tuple)) and v
+                                               for v in vary_mixture.values()),
+                f"run.vary_mixture={vary_mixture!r} must map one TaskMixture field to a "
+                f"non-empty list of values")
+        (field, values), = vary_mixture.items()
+        known = [f.name for f in dataclasses.fields(tasks.TaskMixture)]
+        require(field in known, f"run.vary_mixture: {field!r} is not one of {known}")
+        jobs = [(os.path.join(workdir, f"{field}={value}"),
+                 dataclasses.replace(base, **{field: value})) for value in values]
+    for job_dir, mixture in jobs:
+        sweep.check_against(mixture)
+        check_workdir(job_dir, FLAGS.overwrite)
+    config = gin.operative_config_str()
+    for job_dir, mixture in jobs:
+        prepare_workdir(job_dir)
+        with open(os.path.join(job_dir, "config.gin"), "w") as f:
+            f.write(config)
+        sweep_lib.run_sweep(mixture, sweep, job_dir)
+        if FLAGS.report:
+            from rareret.analysis import report  # matplotlib loads only when a report is wanted.
+            print(f"report: {report.write_report(job_dir)}")
 
 
-def prepare_workdir(workdir: str, overwrite: bool) -> None:
-    """Creates `workdir`, refusing to mix a new run into an old one unless told to replace it."""
+def check_workdir(workdir: str, overwrite: bool) -> None:
+    """Raises ConfigError if `workdir` cannot take a new run; touches nothing."""
     require(not os.path.exists(workdir) or os.path.isdir(workdir),
             f"--workdir={workdir} exists and is not a directory")
-    if os.path.exists(os.path.join(workdir, RUN_MARKER)):
-        require(overwrite, f"--workdir={workdir} already holds a run; choose another workdir "
-                           f"or pass --overwrite to replace it")
-        for name in ("metrics", "report", RUN_MARKER, "config.gin"):
-            path = os.path.join(workdir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+    require(overwrite or not os.path.exists(os.path.join(workdir, RUN_MARKER)),
+            f"--workdir={workdir} already holds a run; choose another workdir or pass "
+            f"--overwrite to replace it")
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    require(os.access(existing, os.W_OK | os.X_OK),
+            f"--workdir={workdir} is not writable ({existing} denies writing)")
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Creates `workdir`, removing the outputs of a run it held (checked by `check_workdir`)."""
+    for name in ("metrics", "report", RUN_MARKER, "config.gin"):
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"--workdir={workdir} is not writable: {e.strerror}") from e
+        raise ConfigError(f"--workdir={workdir} cannot be created: {e.strerror}") from e
 
 
 def parse_gin(files: list[str], bindings: list[str], search_paths: list[str]) -> None:
-    """Parses gin files and bindings, turning gin's errors into one-line ConfigErrors."""
+    """Parses gin files, then bindings; gin's errors become one-line ConfigErrors naming them."""
     for path in search_paths:
         gin.add_config_file_search_path(path)
     for path in files:
-        require(any(os.path.isfile(os.path.join(root, path)) for root in search_paths)
-                or os.path.isfile(path), f"--gin_file={path}: no such file")
-    try:
-        gin.parse_config_files_and_bindings(files, bindings, finalize_config=True)
-    except Exception as e:  # gin raises many types (ValueError, SyntaxError, ...) with context.
-        raise ConfigError(f"gin config: {one_line(e)}") from e
+        require(os.path.isfile(path) or any(os.path.isfile(os.path.join(root, path))
+                                            for root in search_paths),
+                f"--gin_file={path}: no such file")
+        try:
+            gin.parse_config_file(path)
+        except Exception as e:  # gin raises many types (ValueError, SyntaxError, ...).
+            raise ConfigError(f"--gin_file={path}: {one_line(e)}") from e
+    for binding in bindings:
+        try:
+            gin.parse_config(binding)
+        except Exception as e:
+            raise ConfigError(f"--gin_bindings={binding!r}: {one_line(e)}") from e
+    gin.finalize()
 
 
 def one_line(error: BaseException) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from rareret import store
-from rareret.errors import require
+from rareret.errors import is_int, is_number, require
 from rareret.progress import Progress
 from rareret.synthetic import model, optim, tasks, theory
 
@@ -59,18 +59,17 @@ class Sweep:
     def __post_init__(self):
         _require_int_list("Sweep.widths", self.widths, minimum=1)
         _require_int_list("Sweep.seeds", self.seeds, minimum=0)
+        require(len(self.learning_rates) > 0, "Sweep.learning_rate=[] must name at least one rate")
         for rate in self.learning_rates:
-            require(_is_number(rate) and 0 < rate < math.inf,
+            require(is_number(rate) and 0 < rate < math.inf,
                     f"Sweep.learning_rate={rate!r} must be a finite number > 0")
         for name in ("batch_size", "num_steps", "record_every", "tile_size"):
             value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1,
-                    f"Sweep.{name}={value!r} must be an integer ≥ 1")
-        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-                f"Sweep.warmup_steps={self.warmup_steps!r} must be an integer ≥ 0")
-        require(isinstance(self.data_seed, int) and self.data_seed >= 0,
-                f"Sweep.data_seed={self.data_seed!r} must be an integer ≥ 0")
-        require(_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf,
+            require(is_int(value) and value >= 1, f"Sweep.{name}={value!r} must be an integer ≥ 1")
+        for name in ("warmup_steps", "data_seed"):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 0, f"Sweep.{name}={value!r} must be an integer ≥ 0")
+        require(is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf,
                 f"Sweep.weight_decay={self.weight_decay!r} must be a finite number ≥ 0")
 
     @property
@@ -93,15 +92,11 @@ class Sweep:
                 "learning_rate": np.array([g[2] for g in grid], np.float32)}
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _require_int_list(name: str, values, minimum: int) -> None:
     require(isinstance(values, (list, tuple)) and len(values) > 0,
             f"{name}={values!r} must be a non-empty list of integers")
     for value in values:
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        require(is_int(value) and value >= minimum,
                 f"{name}: {value!r} must be an integer ≥ {minimum}")
     duplicates = sorted({v for v in values if list(values).count(v) > 1})
     require(not duplicates, f"{name}: duplicate value(s) {duplicates}")

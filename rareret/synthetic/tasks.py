@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rareret.errors import require
+from rareret.errors import is_int, is_number, require
 
 ENERGY_FRACTION = 0.9  # "number of directions holding 90% of the energy" (PAPER.md §1).
 
@@ -87,34 +87,33 @@ class TaskMixture:
     complexity_range: Sequence[int] | None = None
 
     def __post_init__(self):
-        require(isinstance(self.num_tasks, int) and self.num_tasks >= 1,
-                f"TaskMixture.num_tasks={self.num_tasks!r} must be an integer ≥ 1")
-        require(isinstance(self.task_dim, int) and self.task_dim >= 1,
-                f"TaskMixture.task_dim={self.task_dim!r} must be an integer ≥ 1")
-        require(isinstance(self.input_dim, int) and self.input_dim >= 1,
-                f"TaskMixture.input_dim={self.input_dim!r} must be an integer ≥ 1")
+        for name in ("num_tasks", "task_dim", "input_dim"):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 1,
+                    f"TaskMixture.{name}={value!r} must be an integer ≥ 1")
         used = self.num_tasks * self.task_dim
         require(used <= self.input_dim,
                 f"TaskMixture: num_tasks × task_dim = {self.num_tasks}×{self.task_dim} = {used} "
                 f"exceeds input_dim={self.input_dim}; task blocks are disjoint, so K·d_T ≤ D")
-        require(_finite(self.beta) and self.beta >= 0,
-                f"TaskMixture.beta={self.beta!r} must be a finite number ≥ 0")
-        require(_finite(self.alpha) and self.alpha >= 0,
-                f"TaskMixture.alpha={self.alpha!r} must be a finite number ≥ 0")
+        for name in ("beta", "alpha"):
+            value = getattr(self, name)
+            require(is_number(value) and math.isfinite(value) and value >= 0,
+                    f"TaskMixture.{name}={value!r} must be a finite number ≥ 0")
         if self.priors is not None:
-            p = np.asarray(self.priors, dtype=np.float64)
-            require(p.shape == (self.num_tasks,),
-                    f"TaskMixture.priors has {p.size} entries; need num_tasks={self.num_tasks}")
-            require(bool(np.all(np.isfinite(p)) and np.all(p >= 0) and p.sum() > 0),
-                    f"TaskMixture.priors={list(self.priors)} must be finite, ≥ 0, with a "
-                    f"positive sum")
+            p = self.priors
+            require(isinstance(p, (list, tuple)) and all(is_number(v) for v in p),
+                    f"TaskMixture.priors={p!r} must be a list of numbers")
+            require(len(p) == self.num_tasks,
+                    f"TaskMixture.priors has {len(p)} entries; need num_tasks={self.num_tasks}")
+            require(all(math.isfinite(v) and v >= 0 for v in p) and sum(p) > 0,
+                    f"TaskMixture.priors={list(p)} must be finite, ≥ 0, with a positive sum")
         if self.complexity_range is not None:
-            require(len(self.complexity_range) == 2
-                    and all(isinstance(n, int) for n in self.complexity_range)
-                    and 1 <= self.complexity_range[0] <= self.complexity_range[1],
-                    f"TaskMixture.complexity_range={self.complexity_range!r} must be two "
-                    f"integers 1 ≤ lo ≤ hi")
-            self.alphas()  # Validates hi against task_dim.
+            r = self.complexity_range
+            max_n = directions_for_energy(power_spectrum(0.0, self.task_dim))
+            require(isinstance(r, (list, tuple)) and len(r) == 2 and all(is_int(n) for n in r)
+                    and 1 <= r[0] <= r[1] <= max_n,
+                    f"TaskMixture.complexity_range={r!r} must be two integers 1 ≤ lo ≤ hi ≤ "
+                    f"{max_n} (the most 90%-energy directions task_dim={self.task_dim} allows)")
 
     def prior_array(self) -> np.ndarray:
         """π [K], summing to 1."""
@@ -142,13 +141,6 @@ class TaskMixture:
     def block(self, task: int) -> slice:
         """The input coordinates task `task` (0-based) reads."""
         return slice(task * self.task_dim, (task + 1) * self.task_dim)
-
-
-def _finite(value) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def batch_key(data_seed: int, step) -> jax.Array:

@@ -1,0 +1,153 @@
+"""The packed model is the paper's model: checked against independent single-model code."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rareret.synthetic import model, sweep, tasks
+
+MIXTURE = tasks.TaskMixture(num_tasks=6, task_dim=4, input_dim=32, beta=1.0, alpha=1.5)
+SWEEP = sweep.Sweep(widths=(2, 5, 12, 24), seeds=(0, 3), learning_rate=(1e-3, 4e-3),
+                    batch_size=96, num_steps=40, record_every=40, warmup_steps=10, tile_size=8)
+
+
+def reference_run(params, mixture, sweep_spec, learning_rate, num_steps):
+    """One model trained alone: per-example decoder gather, optax clip + adamw, plain jax."""
+    sqrt_spectra = jnp.sqrt(jnp.asarray(mixture.spectra(), jnp.float32))
+    log_priors = jnp.log(jnp.asarray(mixture.prior_array(), jnp.float32))
+    warmup = sweep_spec.warmup_steps
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(lambda c: learning_rate * jnp.minimum((c + 1) / warmup, jnp.sqrt(warmup / (c + 1))),
+                    b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01))
+
+    def loss_fn(p, x, task):
+        block = x[:, :mixture.num_tasks * mixture.task_dim].reshape(
+            x.shape[0], mixture.num_tasks, mixture.task_dim)
+        y = block[jnp.arange(x.shape[0]), task] * sqrt_spectra[task]
+        pred = jnp.einsum("btn,bn->bt", p["decoders"][task], x @ p["encoder"].T)
+        return jnp.mean((pred - y) ** 2)
+
+    @jax.jit
+    def step(p, s, t):
+        key = tasks.batch_key(sweep_spec.data_seed, t)
+        x = tasks.sample_inputs(key, sweep_spec.batch_size, mixture.input_dim)
+        task = tasks.sample_tasks(key, sweep_spec.batch_size, log_priors)
+        loss, g = jax.value_and_grad(loss_fn)(p, x, task)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    state, losses = tx.init(params), []
+    for t in range(num_steps):
+        params, state, loss = step(params, state, t)
+        losses.append(float(loss))
+    return params, np.array(losses)
+
+
+def model_slice(params, layout, m):
+    group, copy = divmod(m, layout.copies)
+    return {name: value[copy] for name, value in params[group].items()}
+
+
+def test_packed_models_follow_models_trained_alone():
+    program = sweep.SweepProgram(MIXTURE, SWEEP)
+    params, opt_state = program.init()
+    initial = jax.tree.map(np.array, params)
+    packed_losses = []
+    for t in range(SWEEP.num_steps):
+        params, opt_state, loss_M = program.train_chunk(params, opt_state, 1, t)
+        packed_losses.append(np.asarray(loss_M))
+    packed_losses = np.stack(packed_losses, axis=1)
+    coords = SWEEP.model_coordinates()
+    checked = 0
+    for m in range(program.layout.num_models):
+        if coords["learning_rate"][m] != SWEEP.learning_rates[-1] or coords["seed"][m] != 3:
+            continue  # One model per width keeps the test fast; every width is covered.
+        alone = model_slice(initial, program.layout, m)
+        np.testing.assert_allclose(alone["encoder"] @ alone["encoder"].T,
+                                   np.eye(coords["width"][m]), atol=1e-5)
+        _, ref_losses = reference_run(jax.tree.map(jnp.asarray, alone), MIXTURE, SWEEP,
+                                      float(coords["learning_rate"][m]), SWEEP.num_steps)
+        np.testing.assert_allclose(packed_losses[m], ref_losses, rtol=2e-4, atol=1e-6,
+                                   err_msg=f"model {m} (width {coords['width'][m]})")
+        checked += 1
+    assert checked == len(SWEEP.widths)
+
+
+def test_init_depends_only_on_seed_and_width():
+    both = sweep.SweepProgram(MIXTURE, SWEEP).init()[0]
+    alone_spec = sweep.Sweep(widths=(12,), seeds=(3,), batch_size=96, num_steps=1, record_every=1)
+    alone = sweep.SweepProgram(MIXTURE, alone_spec).init()[0]
+    group = SWEEP.widths.index(12)
+    copy = SWEEP.seeds.index(3) * len(SWEEP.learning_rates)
+    for name in ("encoder", "decoders"):
+        np.testing.assert_array_equal(both[group][name][copy], alone[0][name][0])
+
+
+def test_decoder_init_is_pytorch_linear_default():
+    params = sweep.SweepProgram(MIXTURE, SWEEP).init()[0]
+    for width, group in zip(SWEEP.widths, params):
+        dec = np.asarray(group["decoders"])
+        assert np.abs(dec).max() <= 1 / np.sqrt(width)
+        assert np.abs(dec).max() > 0.8 / np.sqrt(width)
+
+
+@pytest.fixture(scope="module")
+def random_params():
+    layout = model.PackedLayout((3, 7), copies=2, num_tasks=MIXTURE.num_tasks,
+                                task_dim=MIXTURE.task_dim, input_dim=MIXTURE.input_dim)
+    keys = jax.random.split(jax.random.key(1), 8)
+    # Non-orthonormal encoders and large decoders, so nothing relies on the init's structure.
+    return tuple({"encoder": jax.random.normal(keys[2 * g], (2, w, MIXTURE.input_dim)),
+                  "decoders": jax.random.normal(keys[2 * g + 1],
+                                                (2, MIXTURE.num_tasks, MIXTURE.task_dim, w))}
+                 for g, w in enumerate(layout.widths))
+
+
+def test_population_loss_matches_monte_carlo(random_params):
+    sqrt_spectra = np.sqrt(MIXTURE.spectra())
+    exact = np.asarray(model.population_task_loss(random_params, jnp.asarray(sqrt_spectra)))
+    x = np.random.default_rng(0).standard_normal((400_000, MIXTURE.input_dim))
+    for m in range(4):
+        p = model_slice(random_params, model.PackedLayout((3, 7), 2, 6, 4, 32), m)
+        hidden = x @ np.asarray(p["encoder"], np.float64).T
+        for k in range(MIXTURE.num_tasks):
+            y = x[:, MIXTURE.block(k)] * sqrt_spectra[k]
+            pred = hidden @ np.asarray(p["decoders"][k], np.float64).T
+            mc = np.mean(np.sum((pred - y) ** 2, axis=1))  # Tr(C_k) = 1.
+            assert abs(mc - exact[m, k]) < 0.02 * exact[m, k], (m, k, mc, exact[m, k])
+
+
+def test_alignment_matches_explicit_projector(random_params):
+    spectra = MIXTURE.spectra()
+    got = np.asarray(model.alignment(random_params, jnp.sqrt(jnp.asarray(spectra))))
+    layout = model.PackedLayout((3, 7), 2, 6, 4, 32)
+    for m in range(4):
+        w = np.asarray(model_slice(random_params, layout, m)["encoder"], np.float64)
+        proj = w.T @ np.linalg.inv(w @ w.T) @ w
+        for k in range(MIXTURE.num_tasks):
+            c = np.zeros((MIXTURE.input_dim,) * 2)
+            c[MIXTURE.block(k), MIXTURE.block(k)] = np.diag(spectra[k])
+            np.testing.assert_allclose(got[m, k], np.trace(proj @ c) / np.trace(c), atol=2e-5)
+
+
+def test_rank_deficient_encoder_alignment_is_finite():
+    w = np.zeros((1, 4, MIXTURE.input_dim), np.float32)
+    w[0, 0, 0] = w[0, 1, 0] = 1.0  # Rank 1: both rows on coordinate 0.
+    params = ({"encoder": jnp.asarray(w),
+               "decoders": jnp.zeros((1, MIXTURE.num_tasks, MIXTURE.task_dim, 4))},)
+    s = np.asarray(model.alignment(params, jnp.sqrt(jnp.asarray(MIXTURE.spectra()))))
+    np.testing.assert_allclose(s[0, 0], MIXTURE.spectra()[0, 0], atol=1e-6)
+    np.testing.assert_allclose(s[0, 1:], 0, atol=1e-6)
+
+
+def test_task_tiles_place_every_example_once():
+    task = jnp.sort(jax.random.randint(jax.random.key(0), (100,), 0, 5))
+    tiles = model.task_tiles(task, 5, 8)
+    slots = np.asarray(tiles.slot_row_R)
+    assert sorted(slots[slots < 100].tolist()) == list(range(100))
+    np.testing.assert_array_equal(slots[np.asarray(tiles.row_slot_B)], np.arange(100))
+    tile_of_slot = np.repeat(np.asarray(tiles.tile_task), 8)
+    np.testing.assert_array_equal(tile_of_slot[np.asarray(tiles.row_slot_B)], np.asarray(task))

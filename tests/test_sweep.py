@@ -1,0 +1,75 @@
+"""End to end: small sweeps train to the closed-form theory (PAPER.md §1 checks)."""
+
+import numpy as np
+import pytest
+
+from rareret.analysis import phase, report
+from rareret.synthetic import sweep, tasks
+
+
+def run(tmp_path, mixture, spec):
+    sweep.run_sweep(mixture, spec, str(tmp_path), show_progress=False)
+    return phase.SyntheticRun.load(str(tmp_path))
+
+
+def test_phase_diagram_matches_theorem3(tmp_path):
+    mixture = tasks.TaskMixture(num_tasks=8, task_dim=8, input_dim=64, beta=1.5, alpha=2.0)
+    spec = sweep.Sweep(widths=(1, 2, 4, 8, 16, 32), batch_size=256, num_steps=5000,
+                       record_every=1000, learning_rate=3e-3, warmup_steps=500)
+    result = run(tmp_path, mixture, spec)
+    assert result.metrics.read("step").tolist() == [0, 1000, 2000, 3000, 4000, 5000]
+    comparison = phase.compare_with_theory(result)
+    assert comparison.mean_abs_error <= 0.05, comparison.observed_WxK
+    assert np.all(comparison.grid_steps_off() <= 1), (
+        comparison.observed_critical_K, comparison.predicted_critical_K)
+    # The wide model has learned more of every task than the narrow one, as theory says.
+    loss = result.final("task_loss")
+    assert np.all(loss[-1] <= loss[0] + 1e-3)
+    report_path = report.write_report(str(tmp_path))
+    assert "Mean |observed − predicted|" in open(report_path).read()
+
+
+def test_rank1_critical_width_is_task_index(tmp_path):
+    num_tasks = 12
+    mixture = tasks.TaskMixture(num_tasks=num_tasks, task_dim=1, input_dim=24, beta=1.5)
+    spec = sweep.Sweep(widths=tuple(range(1, num_tasks + 1)), batch_size=256, num_steps=5000,
+                       record_every=5000, learning_rate=1e-2, warmup_steps=500)
+    comparison = phase.compare_with_theory(run(tmp_path, mixture, spec))
+    np.testing.assert_array_equal(comparison.observed_critical_K, np.arange(1, num_tasks + 1))
+    # Rank 1: learned ⇔ alignment s_k > 0.5, the paper's criterion.
+    alignment = phase.SyntheticRun.load(str(tmp_path)).final("alignment")
+    np.testing.assert_array_equal(alignment > 0.5, comparison.observed_WxK <= 0.5)
+
+
+def test_records_hold_every_metric(tmp_path):
+    mixture = tasks.TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=1.0)
+    spec = sweep.Sweep(widths=(2, 3), seeds=(0, 1), learning_rate=(1e-3, 1e-2), batch_size=32,
+                       num_steps=25, record_every=10, warmup_steps=5)
+    metrics = run(tmp_path, mixture, spec).metrics
+    assert metrics.read("step").tolist() == [0, 10, 20, 25]
+    assert metrics.read("task_loss").shape == (4, 8, 4)
+    assert metrics.axes("task_loss") == ("record", "model", "task")
+    assert metrics.read("width").tolist() == [2, 2, 2, 2, 3, 3, 3, 3]
+    assert metrics.read("seed").tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    np.testing.assert_allclose(metrics.read("prior"), mixture.prior_array(), rtol=1e-6)
+    assert np.isnan(metrics.read("train_loss")[0]).all()  # Nothing trained before step 0.
+    assert np.isfinite(metrics.read("train_loss")[1:]).all()
+    # Initial population loss: decoders are random, so loss > 1 - but never negative.
+    assert (metrics.read("task_loss") >= 0).all()
+    frequent = metrics.read("frequent")
+    delta_f = metrics.read("delta_f")
+    expected = np.sum(mixture.prior_array()[frequent] * (1 - metrics.read("alignment")[..., frequent]),
+                      axis=-1)
+    np.testing.assert_allclose(delta_f, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("learning_rate", [1e-3, 4e-3])
+def test_learning_rates_share_one_program(tmp_path, learning_rate):
+    """A model's run inside a learning-rate sweep equals the same model swept alone."""
+    mixture = tasks.TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=1.0)
+    common = dict(widths=(3,), batch_size=32, num_steps=30, record_every=30, warmup_steps=5)
+    both = run(tmp_path / "both", mixture, sweep.Sweep(learning_rate=(1e-3, 4e-3), **common))
+    alone = run(tmp_path / "alone", mixture, sweep.Sweep(learning_rate=learning_rate, **common))
+    index = [1e-3, 4e-3].index(learning_rate)
+    np.testing.assert_allclose(both.final("task_loss")[index], alone.final("task_loss")[0],
+                               rtol=1e-4)
