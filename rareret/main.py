@@ -19,8 +19,8 @@ import gin
 from absl import app, flags
 
 from rareret.errors import ConfigError, require
+from rareret.synthetic import runner, tasks
 from rareret.synthetic import sweep as sweep_lib
-from rareret.synthetic import tasks
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin config file(s); later files override earlier.")
@@ -32,15 +32,18 @@ flags.DEFINE_bool("report", True, "write the report when the run ends.")
 
 TaskMixture = gin.external_configurable(tasks.TaskMixture, name="TaskMixture")
 Sweep = gin.external_configurable(sweep_lib.Sweep, name="Sweep")
+Injection = gin.external_configurable(tasks.Injection, name="Injection")
 EXPERIMENTS = ("synthetic",)
 RUN_MARKER = "spec.json"  # Present in every workdir that holds a run.
 
 
 @gin.configurable("run", denylist=["workdir"])
 def run(workdir: str, experiment: str = "synthetic",
-        vary_mixture: dict[str, list] | None = None) -> None:
+        vary_mixture: dict[str, list] | None = None,
+        injection: tasks.Injection | None = None) -> None:
     """Builds the experiment's specs from gin (validating them), then runs it in `workdir`.
 
+    `injection` (`run.injection = @Injection()`) trains under a matched-frequency schedule.
     `vary_mixture` ({field: [values]}, one field) runs one sweep per value, in
     `workdir/<field>=<value>/`, for knobs that change the data stream (e.g. β).
     """
@@ -60,13 +63,15 @@ def run(workdir: str, experiment: str = "synthetic",
                  dataclasses.replace(base, **{field: value})) for value in values]
     for job_dir, mixture in jobs:
         sweep.check_against(mixture)
+        if injection:
+            injection.check_against(mixture, sweep.batch_size)
         check_workdir(job_dir, FLAGS.overwrite)
     config = gin.operative_config_str()
     for job_dir, mixture in jobs:
         prepare_workdir(job_dir)
         with open(os.path.join(job_dir, "config.gin"), "w") as f:
             f.write(config)
-        sweep_lib.run_sweep(mixture, sweep, job_dir)
+        runner.run_sweep(mixture, sweep, job_dir, injection)
         if FLAGS.report:
             from rareret.analysis import report  # matplotlib loads only when a report is wanted.
             print(f"report: {report.write_report(job_dir)}")

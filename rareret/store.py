@@ -209,6 +209,10 @@ class MetricWriter:
         return cls(directory, group, arrays)
 
     @property
+    def directory(self) -> Path:
+        return self._dir
+
+    @property
     def num_records(self) -> int:
         """Committed records."""
         return self._group["committed_records"]
@@ -223,6 +227,22 @@ class MetricWriter:
         if k:
             self._write_rows(self.num_records, batch)
             self._commit(self.num_records + k)
+
+    def put_coord(self, name: str, values: Any, axes: tuple[str, ...],
+                  attrs: Mapping[str, Any] | None = None) -> None:
+        """Writes (or replaces) a static array derived from the records, e.g. per-cycle results."""
+        require(name not in self._arrays, f"put_coord: {name!r} is a record array")
+        values = np.asarray(values)
+        _check_array(name, values.shape, values.dtype, tuple(axes))
+        path = self._dir / name
+        if path.exists():
+            shutil.rmtree(path)
+        arr = _create_array(path, values.shape, values.dtype,
+                            tuple(max(1, d) for d in values.shape), tuple(axes), attrs or {})
+        arr.write(values).result()
+        if name not in self._group["coord_arrays"]:
+            self._group = {**self._group, "coord_arrays": [*self._group["coord_arrays"], name]}
+            _write_group(self._dir, self._group)
 
     def truncate(self, num_records: int) -> None:
         """Rolls the store back to its first `num_records` records."""

@@ -60,7 +60,7 @@ def test_packed_models_follow_models_trained_alone():
         params, opt_state, loss_M = program.train_chunk(params, opt_state, 1, t)
         packed_losses.append(np.asarray(loss_M))
     packed_losses = np.stack(packed_losses, axis=1)
-    coords = SWEEP.model_coordinates()
+    coords = program.coords
     checked = 0
     for m in range(program.layout.num_models):
         if coords["learning_rate"][m] != SWEEP.learning_rates[-1] or coords["seed"][m] != 3:

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from rareret.analysis import phase, report
-from rareret.synthetic import sweep, tasks
+from rareret.synthetic import runner, sweep, tasks
 
 
 def run(tmp_path, mixture, spec):
-    sweep.run_sweep(mixture, spec, str(tmp_path), show_progress=False)
+    runner.run_sweep(mixture, spec, str(tmp_path), show_progress=False)
     return phase.SyntheticRun.load(str(tmp_path))
 
 

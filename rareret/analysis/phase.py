@@ -28,13 +28,16 @@ class SyntheticRun:
 
     mixture: tasks.TaskMixture
     sweep: sweep_lib.Sweep
+    injection: tasks.Injection | None
     metrics: store.MetricReader
 
     @classmethod
     def load(cls, workdir: str) -> SyntheticRun:
         with open(os.path.join(workdir, "spec.json")) as f:
             spec = json.load(f)
+        injection = spec.get("injection")
         return cls(tasks.TaskMixture(**spec["mixture"]), sweep_lib.Sweep(**spec["sweep"]),
+                   tasks.Injection(**injection) if injection else None,
                    store.open_metrics(os.path.join(workdir, "metrics")))
 
     def final(self, name: str) -> np.ndarray:

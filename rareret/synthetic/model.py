@@ -16,7 +16,7 @@ batched matmul applies the tile's decoder to all its rows. The padding costs at 
 decoder rows and is masked out of the loss.
 
 Shapes: B batch, D input dim, K tasks, T task dim, C models per width group, N width, M models,
-L tiles of S rows each, R = L·S tiled rows.
+S data streams, L tiles of E rows each, R = L·E tiled rows.
 """
 
 from __future__ import annotations
@@ -33,21 +33,34 @@ Params = tuple  # One {"encoder", "decoders"} dict per width group.
 
 @dataclasses.dataclass(frozen=True)
 class PackedLayout:
-    """Static shape of a packed set of models: every width group holds `copies` models."""
+    """Static shape of a packed set of models.
+
+    Models are grouped by (stream, width): every group holds `copies` models (seeds × learning
+    rates). A stream is one sequence of task ids over the shared inputs (an injection schedule);
+    group g = stream·len(widths) + width index, model m = g·copies + copy.
+    """
 
     widths: tuple[int, ...]
     copies: int
     num_tasks: int
     task_dim: int
     input_dim: int
+    streams: int = 1
+
+    @property
+    def num_groups(self) -> int:
+        return self.streams * len(self.widths)
 
     @property
     def num_models(self) -> int:
-        return len(self.widths) * self.copies
+        return self.num_groups * self.copies
+
+    def group_widths(self) -> tuple[int, ...]:
+        return self.widths * self.streams
 
     def model_widths(self) -> np.ndarray:
         """Width of each model, [M]."""
-        return np.repeat(np.asarray(self.widths), self.copies)
+        return np.repeat(np.asarray(self.group_widths()), self.copies)
 
 
 def init_params(layout: PackedLayout, keys_M: jax.Array) -> Params:
@@ -56,9 +69,9 @@ def init_params(layout: PackedLayout, keys_M: jax.Array) -> Params:
     Encoder rows are orthonormal; decoders use PyTorch's nn.Linear default, the Kaiming-uniform
     fan-in rule U(−1/√N, 1/√N).
     """
-    keys_GxC = keys_M.reshape(len(layout.widths), layout.copies)
+    keys_GxC = keys_M.reshape(layout.num_groups, layout.copies)
     params = []
-    for width, keys_C in zip(layout.widths, keys_GxC):
+    for width, keys_C in zip(layout.group_widths(), keys_GxC):
         def one(key, width=width):
             k_enc, k_dec = jax.random.split(key)
             encoder = jax.nn.initializers.orthogonal()(k_enc, (width, layout.input_dim))
@@ -116,27 +129,37 @@ def to_tiles(rows_BxF: jax.Array, tiles: TaskTiles) -> jax.Array:
     return _to_tiles(rows_BxF, tiles.slot_row_R, tiles.row_slot_B)
 
 
-def losses(params: Params, x_BxD: jax.Array, y_BxT: jax.Array, tiles: TaskTiles) -> jax.Array:
+def losses(params: Params, x_BxD: jax.Array, y_SxBxT: jax.Array, tiles: TaskTiles) -> jax.Array:
     """Each model's batch MSE (mean over B·T elements, as torch.nn.MSELoss), [M].
 
-    Padding slots hold zero inputs and zero targets, so they add nothing to the loss or gradient.
+    `y_SxBxT` and `tiles` (fields with a leading S axis) hold each stream's targets and task
+    tiles; the groups of `params` are stream-major. Padding slots hold zero inputs and zero
+    targets, so they add nothing to the loss or the gradient.
     """
-    batch, task_dim = y_BxT.shape
-    num_tiles = tiles.tile_task.shape[0]
-    tile = tiles.slot_row_R.shape[0] // num_tiles
+    num_streams, batch, task_dim = y_SxBxT.shape
+    num_tiles = tiles.tile_task.shape[1]
+    tile = tiles.slot_row_R.shape[1] // num_tiles
+    groups_per_stream = len(params) // num_streams
     encoder_NxD = jnp.concatenate([p["encoder"].reshape(-1, x_BxD.shape[1]) for p in params])
-    hidden_RxN = to_tiles(x_BxD @ encoder_NxD.T, tiles)
-    y_LxSxT = to_tiles(y_BxT, tiles).reshape(num_tiles, tile, task_dim)
+    hidden_BxN = x_BxD @ encoder_NxD.T
     out, start = [], 0
-    for p in params:
-        copies, _, _, width = p["decoders"].shape
-        hidden_LxSxCxN = hidden_RxN[:, start:start + copies * width].reshape(
-            num_tiles, tile, copies, width)
-        start += copies * width
-        decoders_CxLxTxN = p["decoders"][:, tiles.tile_task]
-        pred_CxLxSxT = jnp.einsum("lscn,cltn->clst", hidden_LxSxCxN, decoders_CxLxTxN)
-        err_CxLxSxT = pred_CxLxSxT - y_LxSxT
-        out.append(jnp.sum(err_CxLxSxT * err_CxLxSxT, axis=(1, 2, 3)))
+    for stream in range(num_streams):
+        groups = params[stream * groups_per_stream:(stream + 1) * groups_per_stream]
+        stream_width = sum(p["encoder"].shape[0] * p["encoder"].shape[1] for p in groups)
+        stream_tiles = jax.tree.map(lambda a: a[stream], tiles)
+        hidden_RxN = to_tiles(hidden_BxN[:, start:start + stream_width], stream_tiles)
+        y_LxExT = to_tiles(y_SxBxT[stream], stream_tiles).reshape(num_tiles, tile, task_dim)
+        start += stream_width
+        offset = 0
+        for p in groups:
+            copies, _, _, width = p["decoders"].shape
+            hidden_LxExCxN = hidden_RxN[:, offset:offset + copies * width].reshape(
+                num_tiles, tile, copies, width)
+            offset += copies * width
+            decoders_CxLxTxN = p["decoders"][:, stream_tiles.tile_task]
+            pred_CxLxExT = jnp.einsum("lecn,cltn->clet", hidden_LxExCxN, decoders_CxLxTxN)
+            err_CxLxExT = pred_CxLxExT - y_LxExT
+            out.append(jnp.sum(err_CxLxExT * err_CxLxExT, axis=(1, 2, 3)))
     return jnp.concatenate(out) / (batch * task_dim)
 
 
@@ -176,3 +199,31 @@ def alignment(params: Params, sqrt_spectra_KxT: jax.Array) -> jax.Array:
         return jnp.sum(spectra_KxT * own_KxT, axis=1) / jnp.sum(spectra_KxT, axis=1)
 
     return jnp.concatenate([jax.vmap(one)(p["encoder"]) for p in params])
+
+
+def task_maps(sqrt_spectra_KxT: jax.Array, input_dim: int) -> jax.Array:
+    """The target maps T_k = Λ_k^{1/2} B_kᵀ as one [K, T, D] array."""
+    num_tasks, task_dim = sqrt_spectra_KxT.shape
+    blocks_KxTxKxT = (jnp.eye(num_tasks, dtype=sqrt_spectra_KxT.dtype)[:, None, :, None]
+                      * jax.vmap(jnp.diag)(sqrt_spectra_KxT)[:, :, None, :])
+    maps_KxTxU = blocks_KxTxKxT.reshape(num_tasks, task_dim, num_tasks * task_dim)
+    return jnp.pad(maps_KxTxU, ((0, 0), (0, 0), (0, input_dim - num_tasks * task_dim)))
+
+
+def population_task_gradients(encoder_NxD: jax.Array, decoders_KxTxN: jax.Array,
+                              maps_KxTxD: jax.Array) -> jax.Array:
+    """Exact per-task encoder gradients under x ~ N(0, I), [K, N, D] (one model).
+
+    Task k's expected per-example loss is ‖D_k W − T_k‖²_F / T (MSE over T outputs), so its
+    gradient is (2/T) D_kᵀ (D_k W − T_k); `maps_KxTxD` holds the T_k (see `task_maps`).
+    """
+    task_dim = maps_KxTxD.shape[1]
+    residual_KxTxD = jnp.einsum("ktn,nd->ktd", decoders_KxTxN, encoder_NxD) - maps_KxTxD
+    return (2.0 / task_dim) * jnp.einsum("ktn,ktd->knd", decoders_KxTxN, residual_KxTxD)
+
+
+def example_losses(encoder_NxD: jax.Array, decoders_KxTxN: jax.Array, x_BxD: jax.Array,
+                   y_BxT: jax.Array, task_B: jax.Array) -> jax.Array:
+    """Per-example MSE of one model, [B] (a plain gather; for measurements, not training)."""
+    pred_BxT = jnp.einsum("btn,bn->bt", decoders_KxTxN[task_B], x_BxD @ encoder_NxD.T)
+    return jnp.mean((pred_BxT - y_BxT) ** 2, axis=1)

@@ -1,10 +1,11 @@
-"""The one-jit trainer for the toy: every width × seed × learning rate on one data stream.
+"""The one-jit trainer for the toy: every width × seed × learning rate (× injection gap).
 
-`Sweep` is the run's spec; `run_sweep` trains all its models in one compiled program per chunk of
-`record_every` steps (a `lax.scan` over steps) and appends exact population metrics to the run's
-arrays after each chunk.
+`Sweep` is the spec; `SweepProgram` holds the compiled pieces: a chunk of training steps of any
+length (one `fori_loop`, so irregular record schedules never recompile), exact population
+metrics, and per-task gradient interference. All models see the same inputs; an injection
+schedule with several gaps gives each gap its own stream of task ids over those inputs.
 
-Shapes: B batch, D input dim, K tasks, T task dim, M models, C models per width group.
+Shapes: B batch, D input dim, K tasks, T task dim, M models, S streams, C models per group.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
-import os
 from typing import Sequence
 
 import jax
@@ -22,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rareret import store
+from rareret import interference
 from rareret.errors import is_int, is_number, require
 from rareret.progress import Progress
 from rareret.synthetic import model, optim, tasks, theory
+
+INTERFERENCE_MODES = ("population", "sampled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Sweep:
       data_seed: seed of the data stream; batch t is a pure function of (data_seed, t).
       weight_decay: AdamW decoupled weight decay (PyTorch default 0.01).
       tile_size: rows per task tile in the decoder pass (speed only; results do not change).
+      interference_every: steps between task × task gradient-interference records (0 = never).
+      interference_mode: "population" (exact gradients under x ~ N(0, I)) or "sampled" (the
+        gradients of that step's batch).
     """
 
     widths: Sequence[int] = (2, 4, 8, 16, 32, 64, 128, 256)
@@ -55,6 +59,8 @@ class Sweep:
     data_seed: int = 0
     weight_decay: float = 0.01
     tile_size: int = 32
+    interference_every: int = 0
+    interference_mode: str = "population"
 
     def __post_init__(self):
         _require_int_list("Sweep.widths", self.widths, minimum=1)
@@ -66,7 +72,10 @@ class Sweep:
         for name in ("batch_size", "num_steps", "record_every", "tile_size"):
             value = getattr(self, name)
             require(is_int(value) and value >= 1, f"Sweep.{name}={value!r} must be an integer ≥ 1")
-        for name in ("warmup_steps", "data_seed"):
+        require(self.interference_mode in INTERFERENCE_MODES,
+                f"Sweep.interference_mode={self.interference_mode!r} is not one of "
+                f"{list(INTERFERENCE_MODES)}")
+        for name in ("warmup_steps", "data_seed", "interference_every"):
             value = getattr(self, name)
             require(is_int(value) and value >= 0, f"Sweep.{name}={value!r} must be an integer ≥ 0")
         require(is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf,
@@ -84,12 +93,20 @@ class Sweep:
                     f"Sweep.widths: width {width} exceeds TaskMixture.input_dim="
                     f"{mixture.input_dim}")
 
-    def model_coordinates(self) -> dict[str, np.ndarray]:
-        """Per-model coordinates in packed order (width-major, then seed, then learning rate)."""
-        grid = list(itertools.product(self.widths, self.seeds, self.learning_rates))
-        return {"width": np.array([g[0] for g in grid], np.int64),
-                "seed": np.array([g[1] for g in grid], np.int64),
-                "learning_rate": np.array([g[2] for g in grid], np.float32)}
+    def record_steps(self, injection: tasks.Injection | None = None) -> list[int]:
+        """Steps (models' states after that many steps) at which metrics are recorded.
+
+        Step 0, every `record_every` and `interference_every` step, the last step, and for every
+        injection the states just before and just after it.
+        """
+        steps = {0, self.num_steps}
+        steps.update(range(0, self.num_steps, self.record_every))
+        if self.interference_every:
+            steps.update(range(0, self.num_steps, self.interference_every))
+        for gap in injection.gaps if injection else ():
+            for end in range(gap, self.num_steps + 1, gap):  # Injection at step end − 1.
+                steps.update((end - 1, end))
+        return sorted(steps)
 
 
 def _require_int_list(name: str, values, minimum: int) -> None:
@@ -103,23 +120,53 @@ def _require_int_list(name: str, values, minimum: int) -> None:
 
 
 class SweepProgram:
-    """The compiled pieces of a sweep: init, a chunk of training steps, and exact metrics."""
+    """The compiled pieces of a sweep: init, a chunk of training steps, metrics, interference."""
 
-    def __init__(self, mixture: tasks.TaskMixture, sweep: Sweep):
-        self.mixture, self.sweep = mixture, sweep
+    def __init__(self, mixture: tasks.TaskMixture, sweep: Sweep,
+                 injection: tasks.Injection | None = None):
+        sweep.check_against(mixture)
+        if injection:
+            injection.check_against(mixture, sweep.batch_size)
+        self.mixture, self.sweep, self.injection = mixture, sweep, injection
+        gaps = injection.gaps if injection else (0,)
         self.layout = model.PackedLayout(
             widths=tuple(sweep.widths), copies=len(sweep.seeds) * len(sweep.learning_rates),
-            num_tasks=mixture.num_tasks, task_dim=mixture.task_dim, input_dim=mixture.input_dim)
-        self.coords = sweep.model_coordinates()
-        self.log_priors_K = jnp.log(jnp.asarray(mixture.prior_array(), jnp.float32))
+            num_tasks=mixture.num_tasks, task_dim=mixture.task_dim, input_dim=mixture.input_dim,
+            streams=len(gaps))
+        grid = list(itertools.product(gaps, sweep.widths, sweep.seeds, sweep.learning_rates))
+        self.coords = {"gap": np.array([g[0] for g in grid], np.int64),
+                       "width": np.array([g[1] for g in grid], np.int64),
+                       "seed": np.array([g[2] for g in grid], np.int64),
+                       "learning_rate": np.array([g[3] for g in grid], np.float32)}
+        priors_K = mixture.prior_array()
+        self.rare_task = injection.rare(mixture) if injection else tasks.rarest_task(priors_K)
+        self.frequent_K = np.isin(np.arange(mixture.num_tasks), theory.frequent_tasks(priors_K))
         self.sqrt_spectra_KxT = jnp.sqrt(jnp.asarray(mixture.spectra(), jnp.float32))
-        frequent = theory.frequent_tasks(mixture.prior_array())
-        weights_K = np.zeros(mixture.num_tasks)
-        weights_K[frequent] = mixture.prior_array()[frequent] * mixture.spectra()[frequent].sum(1)
-        self.frequent_weights_K = jnp.asarray(weights_K, jnp.float32)
+        self.maps_KxTxD = model.task_maps(self.sqrt_spectra_KxT, mixture.input_dim)
+        trace_K = mixture.spectra().sum(axis=1)
+        self.frequent_weights_K = jnp.asarray(priors_K * trace_K * self.frequent_K, jnp.float32)
         self.learning_rate_M = jnp.asarray(self.coords["learning_rate"])
-        self.train_chunk = jax.jit(self._train_chunk, static_argnums=2, donate_argnums=(0, 1))
+        self._streams = self._stream_tables(gaps)
+        self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0, 1))
         self.evaluate = jax.jit(self._evaluate)
+        self.interference = jax.jit(self._interference)
+
+    def _stream_tables(self, gaps):
+        """Per stream: log priors, gap and injection counts per cycle (host-computed, exact)."""
+        log_priors_K = np.log(self.mixture.prior_array())
+        if not self.injection:
+            return {"log_priors_SxK": jnp.asarray(log_priors_K[None], jnp.float32),
+                    "gap_S": jnp.ones(1, jnp.int32), "counts_SxC": jnp.zeros((1, 1), jnp.int32)}
+        others_K = log_priors_K.copy()
+        others_K[self.rare_task] = -np.inf
+        rate = self.injection.resolved_rate(self.mixture)
+        cycles = max(self.sweep.num_steps // min(gaps), 1)
+        counts = np.zeros((len(gaps), cycles), np.int32)
+        for s, gap in enumerate(gaps):
+            n = self.sweep.num_steps // gap
+            counts[s, :n] = self.injection.counts(gap, self.sweep.batch_size, rate, n)
+        return {"log_priors_SxK": jnp.asarray(np.repeat(others_K[None], len(gaps), 0), jnp.float32),
+                "gap_S": jnp.asarray(gaps, jnp.int32), "counts_SxC": jnp.asarray(counts)}
 
     def init(self):
         """Params and optimiser state of every model, each from key (seed, width)."""
@@ -132,7 +179,7 @@ class SweepProgram:
         return optim.paper_adamw(learning_rate, self.sweep.warmup_steps, self.sweep.weight_decay)
 
     def _per_group(self, fn, *trees):
-        """Applies `fn(learning_rate, *leaves)` vmapped over the models of each width group."""
+        """Applies `fn(learning_rate, *leaves)` vmapped over the models of each group."""
         copies = self.layout.copies
         out = []
         for g, group in enumerate(zip(*trees)):
@@ -143,20 +190,36 @@ class SweepProgram:
     def _init_opt(self, params):
         return self._per_group(lambda lr, p: self._optimizer(lr).init(p), params)
 
+    def rare_counts(self, step):
+        """Rare examples in step `step`'s batch of each stream, [S]."""
+        t = self._streams
+        if not self.injection:
+            return jnp.zeros(1, jnp.int32)
+        cycle = step // t["gap_S"]
+        injecting = (step % t["gap_S"]) == t["gap_S"] - 1
+        count = t["counts_SxC"][jnp.arange(t["gap_S"].shape[0]),
+                                jnp.minimum(cycle, t["counts_SxC"].shape[1] - 1)]
+        return jnp.where(injecting, count, 0)
+
     def batch(self, step):
-        """Step `step`'s batch: (x_BxD, y_BxT, task_B)."""
+        """Step `step`'s batch: (x_BxD, y_SxBxT, task_SxB), one row of tasks per stream."""
         key = tasks.batch_key(self.sweep.data_seed, step)
         x_BxD = tasks.sample_inputs(key, self.sweep.batch_size, self.mixture.input_dim)
-        task_B = tasks.sample_tasks(key, self.sweep.batch_size, self.log_priors_K)
-        return x_BxD, tasks.targets(x_BxD, task_B, self.sqrt_spectra_KxT), task_B
+        task_SxB = jax.vmap(lambda log_priors_K, count: tasks.stream_tasks(
+            key, self.sweep.batch_size, log_priors_K, self.rare_task, count))(
+            self._streams["log_priors_SxK"], self.rare_counts(step))
+        y_SxBxT = jax.vmap(lambda task_B: tasks.targets(x_BxD, task_B, self.sqrt_spectra_KxT))(
+            task_SxB)
+        return x_BxD, y_SxBxT, task_SxB
 
-    def _train_step(self, carry, step):
-        params, opt_state = carry
-        x_BxD, y_BxT, task_B = self.batch(step)
-        tiles = model.task_tiles(task_B, self.mixture.num_tasks, self.sweep.tile_size)
+    def _train_step(self, step, carry):
+        params, opt_state, loss_sum_M = carry
+        x_BxD, y_SxBxT, task_SxB = self.batch(step)
+        tiles = jax.vmap(lambda task_B: model.task_tiles(
+            task_B, self.mixture.num_tasks, self.sweep.tile_size))(task_SxB)
 
         def total_loss(p):
-            losses_M = model.losses(p, x_BxD, y_BxT, tiles)
+            losses_M = model.losses(p, x_BxD, y_SxBxT, tiles)
             return jnp.sum(losses_M), losses_M  # Models are independent: d(sum)/dθ_m = dℓ_m/dθ_m.
 
         (_, losses_M), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
@@ -166,14 +229,14 @@ class SweepProgram:
             return optax.apply_updates(p, updates), s
 
         updated = self._per_group(update, grads, opt_state, params)
-        params = tuple(u[0] for u in updated)
-        opt_state = tuple(u[1] for u in updated)
-        return (params, opt_state), losses_M
+        return (tuple(u[0] for u in updated), tuple(u[1] for u in updated), loss_sum_M + losses_M)
 
-    def _train_chunk(self, params, opt_state, num_steps: int, first_step):
-        steps = first_step + jnp.arange(num_steps)
-        (params, opt_state), losses_SxM = jax.lax.scan(self._train_step, (params, opt_state), steps)
-        return params, opt_state, jnp.mean(losses_SxM, axis=0)
+    def _train_chunk(self, params, opt_state, num_steps, first_step):
+        """`num_steps` steps from `first_step`; returns the new state and the mean loss [M]."""
+        zero_M = jnp.zeros(self.layout.num_models, jnp.float32)
+        params, opt_state, loss_sum_M = jax.lax.fori_loop(
+            first_step, first_step + num_steps, self._train_step, (params, opt_state, zero_M))
+        return params, opt_state, loss_sum_M / num_steps
 
     def _evaluate(self, params):
         task_loss_MxK = model.population_task_loss(params, self.sqrt_spectra_KxT)
@@ -181,75 +244,32 @@ class SweepProgram:
         delta_f_M = jnp.sum(self.frequent_weights_K * (1 - alignment_MxK), axis=1)
         return {"task_loss": task_loss_MxK, "alignment": alignment_MxK, "delta_f": delta_f_M}
 
+    def _interference(self, params, step):
+        """Task × task interference of every model's encoder gradients (see `interference`)."""
+        stats = []
+        if self.sweep.interference_mode == "population":
+            def one(encoder_NxD, decoders_KxTxN):
+                grads_KxNxD = model.population_task_gradients(
+                    encoder_NxD, decoders_KxTxN, self.maps_KxTxD)
+                return interference.gram_stats(grads_KxNxD.reshape(grads_KxNxD.shape[0], -1))
+            stats = [jax.vmap(one)(p["encoder"], p["decoders"]) for p in params]
+        else:
+            x_BxD, y_SxBxT, task_SxB = self.batch(step)
+            per_stream = len(params) // self.layout.streams
+            for g, p in enumerate(params):
+                y_BxT, task_B = y_SxBxT[g // per_stream], task_SxB[g // per_stream]
 
-def record_specs(mixture: tasks.TaskMixture, num_models: int) -> dict[str, store.RecordSpec]:
-    K, M = mixture.num_tasks, num_models
-    return {
-        "step": store.RecordSpec((), np.int64, (), {"description": "training step"}),
-        "train_loss": store.RecordSpec(
-            (M,), np.float32, ("model",),
-            {"description": "batch MSE averaged over the steps since the previous record"}),
-        "task_loss": store.RecordSpec(
-            (M, K), np.float32, ("model", "task"),
-            {"description": "exact population loss / Tr(C_k) (1 = mean predictor)"}),
-        "alignment": store.RecordSpec(
-            (M, K), np.float32, ("model", "task"),
-            {"description": "subspace alignment s_k = Tr(P_W C_k)/Tr(C_k)"}),
-        "delta_f": store.RecordSpec(
-            (M,), np.float32, ("model",),
-            {"description": "residual common-task signal sum_{k in F} pi_k (1 - s_k) Tr(C_k)"}),
-    }
-
-
-def coordinate_arrays(mixture: tasks.TaskMixture, sweep: Sweep) -> dict:
-    coords = sweep.model_coordinates()
-    return {
-        "width": (coords["width"], ["model"], {}),
-        "seed": (coords["seed"], ["model"], {}),
-        "learning_rate": (coords["learning_rate"], ["model"], {}),
-        "prior": (mixture.prior_array().astype(np.float32), ["task"], {}),
-        "spectrum": (mixture.spectra().astype(np.float32), ["task", "direction"], {}),
-        "frequent": (np.isin(np.arange(mixture.num_tasks),
-                             theory.frequent_tasks(mixture.prior_array())),
-                     ["task"], {"rule": "smallest top-prior task set with cumulative prior mass >= "
-                                      f"{theory.FREQUENT_MASS}"}),
-    }
-
-
-def write_spec(workdir: str, mixture: tasks.TaskMixture, sweep: Sweep) -> None:
-    """Saves the specs as JSON so analysis can rebuild them without gin."""
-    spec = {"experiment": "synthetic", "mixture": dataclasses.asdict(mixture),
-            "sweep": dataclasses.asdict(sweep)}
-    with open(os.path.join(workdir, "spec.json"), "w") as f:
-        json.dump(spec, f, indent=2, default=list)
-
-
-def record_steps(sweep: Sweep) -> list[int]:
-    """Steps at which metrics are recorded: 0, every `record_every`, and the last step."""
-    steps = list(range(0, sweep.num_steps, sweep.record_every)) + [sweep.num_steps]
-    return steps
-
-
-def run_sweep(mixture: tasks.TaskMixture, sweep: Sweep, workdir: str,
-              show_progress: bool = True) -> None:
-    """Trains every model of `sweep` and streams metrics into `<workdir>/metrics/`."""
-    sweep.check_against(mixture)
-    program = SweepProgram(mixture, sweep)
-    os.makedirs(workdir, exist_ok=True)
-    write_spec(workdir, mixture, sweep)
-    writer = store.MetricWriter.create(
-        os.path.join(workdir, "metrics"), record_specs(mixture, program.layout.num_models),
-        coordinate_arrays(mixture, sweep), overwrite=True)
-    params, opt_state = program.init()
-    steps = record_steps(sweep)
-    progress = Progress(sweep.num_steps) if show_progress else None
-    train_loss_M = np.full(program.layout.num_models, np.nan, np.float32)
-    for index, step in enumerate(steps):
-        if index > 0:
-            params, opt_state, train_loss_M = program.train_chunk(
-                params, opt_state, step - steps[index - 1], steps[index - 1])
-        metrics = jax.device_get(program.evaluate(params))
-        writer.append({"step": np.array([step]), "train_loss": np.asarray(train_loss_M)[None],
-                       **{name: np.asarray(value)[None] for name, value in metrics.items()}})
-        if progress:
-            progress.update(step, f"mean task loss {np.mean(metrics['task_loss']):.3f}")
+                def one(encoder_NxD, decoders_KxTxN, y_BxT=y_BxT, task_B=task_B):
+                    result = interference.interference(
+                        lambda groups: model.example_losses(groups[0], decoders_KxTxN, x_BxD,
+                                                            y_BxT, task_B),
+                        (encoder_NxD,), task_B, self.mixture.num_tasks)
+                    return result.gram[0], result.cosine[0], result.norm[0]
+                stats.append(jax.vmap(one)(p["encoder"], p["decoders"]))
+        gram_MxKxK, cosine_MxKxK, norm_MxK = (jnp.concatenate(parts) for parts in zip(*stats))
+        rare_K = jax.nn.one_hot(self.rare_task, self.mixture.num_tasks)
+        frequent_K = jnp.asarray(self.mixture.prior_array() * self.frequent_K, jnp.float32)
+        rare_frequent_M = jax.vmap(interference.weighted_cosine, in_axes=(0, None, None))(
+            gram_MxKxK, rare_K, frequent_K)
+        return {"interference": cosine_MxKxK, "interference_gram": gram_MxKxK,
+                "grad_norm": norm_MxK, "rare_frequent_cosine": rare_frequent_M}

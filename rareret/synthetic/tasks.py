@@ -159,8 +159,7 @@ def sample_tasks(key: jax.Array, batch_size: int, log_priors_K: jax.Array) -> ja
     Examples are exchangeable and x is independent of the task, so sorting the ids leaves the
     batch's distribution unchanged; it lets the model process each task's rows as one block.
     """
-    draws = jax.random.categorical(jax.random.fold_in(key, 1), log_priors_K, shape=(batch_size,))
-    return jnp.sort(draws).astype(jnp.int32)
+    return stream_tasks(key, batch_size, log_priors_K, 0, 0)
 
 
 def targets(x_BxD: jax.Array, task_B: jax.Array, sqrt_spectra_KxT: jax.Array) -> jax.Array:
@@ -170,3 +169,79 @@ def targets(x_BxD: jax.Array, task_B: jax.Array, sqrt_spectra_KxT: jax.Array) ->
     own_BxT = jnp.take_along_axis(blocks_BxKxT, task_B[:, None, None], axis=1)[:, 0]
     return own_BxT * sqrt_spectra_KxT[task_B]
 
+
+
+def rarest_task(priors_K: np.ndarray) -> int:
+    """Index of the lowest-prior task (the last one among equals)."""
+    return int(np.flatnonzero(priors_K == priors_K.min())[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Injection:
+    """Matched-frequency injection of one rare task (PAPER.md §1, "retention").
+
+    Time is cut into cycles of `gap` steps. The first gap − 1 steps of a cycle hold no rare
+    example; its last step holds the cycle's m_c rare examples, with m_c chosen so that after c
+    cycles exactly floor(c · gap · B · rate) have been injected: the long-run frequency is `rate`
+    (to within one example, whatever the rounding of gap · B · rate). Every other example, at
+    every step, is drawn from the prior renormalised over the other tasks.
+
+    Attributes:
+      gap: G, steps per cycle; several gaps make gap a per-model axis (one data stream each).
+      rare_task: the withheld task, 0-based; default the rarest task.
+      rate: long-run frequency ρ_r of the rare task; default its prior π_r.
+    """
+
+    gap: int | Sequence[int] = 256
+    rare_task: int | None = None
+    rate: float | None = None
+
+    def __post_init__(self):
+        require(len(self.gaps) > 0, "Injection.gap=[] must name at least one gap")
+        for gap in self.gaps:
+            require(is_int(gap) and gap >= 1, f"Injection.gap: {gap!r} must be an integer ≥ 1")
+        require(len(set(self.gaps)) == len(self.gaps),
+                f"Injection.gap={list(self.gaps)} has duplicates")
+        require(self.rare_task is None or (is_int(self.rare_task) and self.rare_task >= 0),
+                f"Injection.rare_task={self.rare_task!r} must be a task index ≥ 0")
+        require(self.rate is None or (is_number(self.rate) and 0 < self.rate <= 1),
+                f"Injection.rate={self.rate!r} must be a number in (0, 1]")
+
+    @property
+    def gaps(self) -> tuple[int, ...]:
+        gap = self.gap
+        return tuple(gap) if isinstance(gap, (list, tuple)) else (gap,)
+
+    def rare(self, mixture: TaskMixture) -> int:
+        """The rare task's index; by default the rarest."""
+        return rarest_task(mixture.prior_array()) if self.rare_task is None else self.rare_task
+
+    def resolved_rate(self, mixture: TaskMixture) -> float:
+        return float(mixture.prior_array()[self.rare(mixture)] if self.rate is None else self.rate)
+
+    def check_against(self, mixture: TaskMixture, batch_size: int) -> None:
+        """Raises ConfigError unless the schedule fits the mixture and batch size."""
+        require(self.rare(mixture) < mixture.num_tasks,
+                f"Injection.rare_task={self.rare_task} is not a task of "
+                f"TaskMixture.num_tasks={mixture.num_tasks} (0-based)")
+        require(mixture.num_tasks >= 2, "Injection needs TaskMixture.num_tasks ≥ 2")
+        rate = self.resolved_rate(mixture)
+        for gap in self.gaps:
+            require(gap * rate <= 1,
+                    f"Injection.gap={gap} with rate {rate:.4g} injects {gap * batch_size * rate:.0f}"
+                    f" rare examples into a batch of {batch_size}; need gap × rate ≤ 1")
+
+    def counts(self, gap: int, batch_size: int, rate: float, num_cycles: int) -> np.ndarray:
+        """m_c, rare examples injected at the end of cycle c, [num_cycles] int."""
+        per_cycle = gap * batch_size * rate
+        cumulative = np.floor(np.arange(num_cycles + 1) * per_cycle)
+        return np.diff(cumulative).astype(np.int32)
+
+
+def stream_tasks(key: jax.Array, batch_size: int, log_priors_K: jax.Array, rare_task,
+                 rare_count) -> jax.Array:
+    """task_B of one data stream: `rare_count` examples of `rare_task`, the rest from the prior
+    (pass log priors with −inf at the rare task for the renormalised prior). Sorted."""
+    draws = jax.random.categorical(jax.random.fold_in(key, 1), log_priors_K, shape=(batch_size,))
+    draws = jnp.where(jnp.arange(batch_size) < rare_count, rare_task, draws)
+    return jnp.sort(draws).astype(jnp.int32)
