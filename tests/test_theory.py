@@ -154,9 +154,16 @@ def test_gradient_bound_and_threshold():
     np.testing.assert_allclose(theory.frequent_gradient_bound(MIXED, [0.0, 0.25]),
                                [0.0, 2 * np.sqrt(top_frequent * 0.25)])
     rare = 5
-    threshold = theory.delta_f_threshold(MIXED, rare)
-    assert theory.frequent_gradient_bound(MIXED, threshold) == pytest.approx(
-        theory.utilities(MIXED)[rare, 0])
+    rare_top = theory.utilities(MIXED)[rare, 0]
+    frequent_utilities = theory.utilities(MIXED)[frequent].ravel()
+    # A model holding the frequent directions above the rare utility leaves exactly the rest.
+    expected = frequent_utilities[frequent_utilities <= rare_top].sum()
+    assert theory.delta_f_threshold(MIXED, rare) == pytest.approx(expected)
+    assert 0 < expected < frequent_utilities.sum()
+    # Consistent with Proposition 6: the first N_crit − 1 eigenvalues of M_F exceed the threshold's.
+    n_crit = theory.critical_width(MIXED, rare)
+    mu = np.sort(frequent_utilities)[::-1]
+    assert mu[n_crit - 1:].sum() == pytest.approx(expected)
 
 
 def test_alignment_chance_correction():

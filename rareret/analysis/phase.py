@@ -98,11 +98,14 @@ class PhaseComparison:
 
 def compare_with_theory(run: SyntheticRun, task_loss_MxK: np.ndarray | None = None,
                         learning_rate: float | None = None) -> PhaseComparison:
-    """Final normalised losses (seed-averaged) against Theorem 3, for one learning rate."""
+    """Final normalised losses (seed-averaged) against Theorem 3, for one learning rate.
+
+    Under an injection schedule only the models of the smallest gap are compared.
+    """
     widths = sorted(run.sweep.widths)
-    coords_lr = run.metrics.read("learning_rate")
+    coords_lr, gaps_M = run.metrics.read("learning_rate"), run.metrics.read("gap")
     rate = coords_lr[0] if learning_rate is None else learning_rate
-    chosen_M = np.isclose(coords_lr, rate)
+    chosen_M = np.isclose(coords_lr, rate) & (gaps_M == gaps_M.min())
     loss_MxK = run.final("task_loss") if task_loss_MxK is None else task_loss_MxK
     observed = mean_over_seeds(loss_MxK[chosen_M], run.metrics.read("width")[chosen_M], widths)
     learned = observed <= learned_threshold(run.mixture)

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 
-from rareret.analysis import phase  # noqa: E402
+from rareret.analysis import mechanism, phase  # noqa: E402
 from rareret.errors import ConfigError, require  # noqa: E402
 
 
@@ -75,6 +75,26 @@ def plot_curves(run: phase.SyntheticRun, path: str) -> None:
     plt.close(fig)
 
 
+def plot_mechanism(run: phase.SyntheticRun, out: str) -> list[str]:
+    """Writes the mechanism plots the run's data supports; returns markdown lines for them."""
+    plots = [("residual.png", mechanism.plot_residual, "residual plot: s̃_rare vs δ_F")]
+    if "interference" in run.metrics.names():
+        plots += [("interference.png", mechanism.plot_interference, "gradient interference"),
+                  ("rare_frequent_cosine.png", mechanism.plot_rare_frequent_cosine,
+                   "rare vs frequent gradients")]
+    if run.injection:
+        plots += [("rare_signal.png", mechanism.plot_rare_signal, "rare signal over training"),
+                  ("signal_vs_gap.png", mechanism.plot_signal_vs_gap, "signal vs gap")]
+    lines = ["## Mechanism", ""]
+    for name, plot, title in plots:
+        plot(run, os.path.join(out, name))
+        lines += [f"![{title}]({name})", ""]
+    if run.injection:
+        lines += [f"Retention of rare task {mechanism.rare_task(run) + 1} (per-cycle gain and "
+                  f"decay of s̃_r, averaged over cycles):", "", *mechanism.retention_table(run), ""]
+    return lines
+
+
 def markdown(run: phase.SyntheticRun, comparisons: dict[float, phase.PhaseComparison]) -> str:
     steps = run.metrics.read("step")
     lines = [
@@ -116,9 +136,10 @@ def write_report(workdir: str) -> str:
     comparisons = {rate: phase.compare_with_theory(run, learning_rate=rate) for rate in rates}
     plot_phase_diagram(comparisons, os.path.join(out, "phase_diagram.png"))
     plot_curves(run, os.path.join(out, "curves.png"))
+    text = markdown(run, comparisons) + "\n".join(plot_mechanism(run, out)) + "\n"
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
-        f.write(markdown(run, comparisons))
+        f.write(text)
     return path
 
 

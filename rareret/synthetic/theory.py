@@ -129,15 +129,18 @@ def critical_width(mixture: TaskMixture, rare_task: int, feature: int = 0, *,
 
 def delta_f_threshold(mixture: TaskMixture, rare_task: int, *,
                       mass: float = FREQUENT_MASS) -> float:
-    """The δ_F below which Theorem 4's bound drops under the rare top utility π_r λ_{r,1}.
+    """Proposition 6 in δ_F units: the residual common-task signal at the rare critical width.
 
-    Solves 2·sqrt(λ_1(M_F)·δ_F) = π_r λ_{r,1}: δ_F = (π_r λ_{r,1})² / (4 λ_1(M_F)). A heuristic
-    for where rare signal can survive (PAPER.md: it jumps once δ_F drops below ≈ 1e-2), not a
-    theorem. λ_{r,1} is the top (index 0) feature; `rare_task` is 0-based and must not be in F.
+    A model that has captured every eigen-direction of M_F with eigenvalue above the rare top
+    utility π_r λ_{r,1} (what Proposition 6 asks of width N_r^crit) leaves
+    δ_F = Σ {μ ∈ eig(M_F) : μ ≤ π_r λ_{r,1}}. Below it the rare feature out-competes what remains
+    of the frequent tasks (PAPER.md: the rare signal jumps once δ_F drops below ≈ 1e-2).
+    `rare_task` is 0-based and must not be in F.
     """
     _check_rare_task(mixture, rare_task, mass)
     rare_top = utilities(mixture)[rare_task, 0]
-    return float(rare_top**2 / (4 * _frequent_spectrum(mixture, mass)[0]))
+    mu = _frequent_spectrum(mixture, mass)
+    return float(mu[mu <= rare_top].sum())
 
 
 def alignment_random_level(width, input_dim: int) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""The language-model setting of PAPER.md §2: OLMo-style models, data, injected tasks."""
