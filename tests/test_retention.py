@@ -39,3 +39,4 @@ def test_narrow_forgets_wide_retains(tmp_path):
     norms = run.metrics.read("grad_norm")[-1]
     frequent = run.metrics.read("frequent")
     assert norms[narrow, frequent].mean() > 1.5 * norms[wide, frequent].mean(), norms
+    print(message, f"; δ_F narrow {delta_f[narrow]:.3g} wide {delta_f[wide]:.3g}")

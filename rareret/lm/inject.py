@@ -17,11 +17,13 @@ instance per sequence. What an `Injector` writes at step t is a pure function of
     instances at the steps t with t mod N = N−1 (the end of each N-step window), so steps 0..t
     hold N·⌊(t+1)/N⌋.
   instances: the i-th instance a task ever injects is train[perm_e[i mod 5000]], perm_e a
-    permutation seeded by (task seed, epoch e = i div 5000): each train instance once before
-    any repeats.
+    permutation seeded by (task kind and seed, epoch e = i div 5000): each train instance once
+    before any repeats.
   rows: a permutation of the B global rows seeded by (injector seed, t); its first rows go to
     the first task's instances, the next ones to the second task's, and so on.
 The capacity check is conservative: the tasks' largest per-step counts must sum to at most B.
+So f ≤ 1/L: PAPER.md's T_ADD rates 7.8e-3 and 9.8e-4 at B = L = 1024 would need 8,179 and up to
+1,028 instances per batch and are rejected (9.8e-4 reads as 1/1024 rounded, which fits exactly).
 
 Evaluation (`eval_batch`): the model sees TOK1 TOK2 and predicts LABEL at position LABEL_POS = 2,
 i.e. from the logits at position 1. Task loss is the cross-entropy of LABEL (split "train" for
@@ -59,7 +61,8 @@ class TaskSpec:
       name: unique among the injected tasks; the key of `Injector.counts`.
       frequency_per_token: f in (0, 1); f·B·L instances per batch on average.
       every_n: N ≥ 1, the matched-frequency schedule: N instances every N batches.
-      seed: seeds S, val, the label tokens, the train/test split and the injection order.
+      seed: with `kind`, seeds S, val, the label tokens, the train/test split and the injection
+        order (tasks of equal kind and seed are identical).
     """
 
     kind: str
@@ -110,7 +113,7 @@ def build_task(spec: TaskSpec, vocab_size: int, reserved: Sequence[int] = ()) ->
     require(pool.size >= need,
             f"build_task: vocab_size={vocab_size} leaves {pool.size} unreserved tokens; task "
             f"{spec.name!r} needs ≥ {need}")
-    rng = np.random.default_rng([spec.seed, _DEFINE])
+    rng = np.random.default_rng(_seed_words(spec, _DEFINE))
     drawn = rng.choice(pool, size=need, replace=False)
     tokens, label_tokens = drawn[:NUM_VALUES], drawn[NUM_VALUES:]
     values = rng.permutation(NUM_VALUES)
@@ -121,6 +124,11 @@ def build_task(spec: TaskSpec, vocab_size: int, reserved: Sequence[int] = ()) ->
     half = len(order) // 2
     return Task(spec, tokens, values, label_tokens,
                 instances_Nx3[order[:half]], instances_Nx3[order[half:]])
+
+
+def _seed_words(spec: TaskSpec, tag: int, *rest: int) -> list[int]:
+    """Seed for one of a task's random streams; tasks of different kinds never share one."""
+    return [spec.seed, KINDS.index(spec.kind), tag, *rest]
 
 
 def _labels(kind, tokens, values, label_tokens, a, b) -> np.ndarray:
@@ -171,7 +179,7 @@ def _stream(task: Task, start: int, count: int) -> np.ndarray:
     epochs = positions // n
     out_Kx3 = np.empty((count, 3), task.train.dtype)
     for epoch in np.unique(epochs):
-        order = np.random.default_rng([task.spec.seed, _ORDER, int(epoch)]).permutation(n)
+        order = np.random.default_rng(_seed_words(task.spec, _ORDER, int(epoch))).permutation(n)
         here = epochs == epoch
         out_Kx3[here] = task.train[order[positions[here] % n]]
     return out_Kx3
@@ -187,55 +195,51 @@ class Injector:
 
     def __init__(self, tasks: Sequence[Task], global_batch: int, seq_len: int, eos_id: int,
                  seed: int = 0, process_index: int = 0, process_count: int = 1):
-        for name, value, low in (("global_batch", global_batch, 1), ("seq_len", seq_len,
-                                 INSTANCE_LEN), ("eos_id", eos_id, 0), ("seed", seed, 0),
-                                 ("process_count", process_count, 1)):
-            require(is_int(value) and value >= low,
-                    f"Injector.{name}={value!r} must be an integer ≥ {low}")
+        lows = {"global_batch": 1, "seq_len": INSTANCE_LEN, "eos_id": 0, "seed": 0,
+                "process_count": 1}
+        for name, value in zip(lows, (global_batch, seq_len, eos_id, seed, process_count)):
+            require(is_int(value) and value >= lows[name],
+                    f"Injector.{name}={value!r} must be an integer ≥ {lows[name]}")
         require(is_int(process_index) and 0 <= process_index < process_count,
                 f"Injector.process_index={process_index!r} must be in [0, {process_count})")
         require(global_batch % process_count == 0,
                 f"Injector.global_batch={global_batch} must be divisible by "
                 f"process_count={process_count}")
         names = [task.spec.name for task in tasks]
-        require(len(set(names)) == len(names), f"Injector: task names {names} must be unique")
+        require(len(names) >= 1 and len(set(names)) == len(names),
+                f"Injector: task names {names} must be unique, at least one task")
         self.tasks = tuple(tasks)
         self.global_batch, self.seq_len, self.eos_id, self.seed = (
             global_batch, seq_len, eos_id, seed)
+        self.tokens_per_batch = global_batch * seq_len
         self.local_batch = global_batch // process_count
         self.first_row = process_index * self.local_batch
-        for task in self.tasks:
-            self._check_task(task)
-        peaks = {name: _max_count(t.spec, self._tokens_per_batch) for name, t in zip(names,
-                                                                                        tasks)}
+        peaks = {task.spec.name: self._check_task(task) for task in self.tasks}
         require(sum(peaks.values()) <= global_batch,
                 f"Injector: tasks inject up to {sum(peaks.values())} instances per batch "
-                f"({peaks}); allowed at most global_batch={global_batch}, one per sequence")
+                f"{peaks}; allowed at most global_batch={global_batch}, one per sequence")
 
-    @property
-    def _tokens_per_batch(self) -> int:
-        return self.global_batch * self.seq_len
-
-    def _check_task(self, task: Task):
-        """EOS outside the task's tokens; the task's per-step count within the batch."""
-        spec = task.spec
+    def _check_task(self, task: Task) -> int:
+        """Checks EOS and the task's per-step count against the batch; returns that count."""
+        spec, batch = task.spec, self.global_batch
         require(self.eos_id not in task.tokens and self.eos_id not in task.label_tokens,
                 f"Injector: eos_id={self.eos_id} is a token of task {spec.name!r}; pass it in "
                 f"build_task's reserved ids")
-        peak = _max_count(spec, self._tokens_per_batch)
+        peak = _max_count(spec, self.tokens_per_batch)
         if spec.every_n is not None:
-            require(peak <= self.global_batch,
-                    f"TaskSpec {spec.name!r}: every_n={spec.every_n} injects {peak} instances "
-                    f"in one batch; allowed 1..global_batch={self.global_batch}")
-        require(peak <= self.global_batch,
-                f"TaskSpec {spec.name!r}: frequency_per_token={spec.frequency_per_token} gives "
-                f"up to {peak} instances per batch; allowed at most global_batch="
-                f"{self.global_batch}, i.e. frequency ≤ 1/seq_len = {1 / self.seq_len:.6g}")
+            value, allowed = f"every_n={spec.every_n}", f"every_n ≤ {batch}"
+        else:
+            value = f"frequency_per_token={spec.frequency_per_token}"
+            allowed = f"frequency_per_token ≤ 1/seq_len = {1 / self.seq_len:.6g}"
+        require(peak <= batch,
+                f"TaskSpec {spec.name!r}: {value} injects up to {peak} instances per batch; "
+                f"allowed at most global_batch={batch} (one per sequence), i.e. {allowed}")
+        return peak
 
     def counts(self, step: int) -> dict[str, int]:
         """Instances of each task injected at `step` (over the global batch)."""
         require(is_int(step) and step >= 0, f"Injector: step={step!r} must be an integer ≥ 0")
-        tpb = self._tokens_per_batch
+        tpb = self.tokens_per_batch
         return {t.spec.name: _injected_before(t.spec, step + 1, tpb)
                 - _injected_before(t.spec, step, tpb) for t in self.tasks}
 
@@ -258,9 +262,8 @@ class Injector:
     def _placements(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(global rows [K], instances [K, 3]) placed at `step`, tasks in order."""
         counts = self.counts(step)
-        tpb = self._tokens_per_batch
         instances_Kx3 = np.concatenate(
-            [_stream(t, _injected_before(t.spec, step, tpb), counts[t.spec.name])
-             for t in self.tasks] + [np.empty((0, 3), np.int64)])
+            [_stream(t, _injected_before(t.spec, step, self.tokens_per_batch),
+                     counts[t.spec.name]) for t in self.tasks])
         rng = np.random.default_rng([self.seed, _ROWS, step])
         return rng.permutation(self.global_batch)[:len(instances_Kx3)], instances_Kx3

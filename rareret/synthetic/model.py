@@ -184,17 +184,22 @@ def population_task_loss(params: Params, sqrt_spectra_KxT: jax.Array) -> jax.Arr
 def alignment(params: Params, sqrt_spectra_KxT: jax.Array) -> jax.Array:
     """Subspace alignment s_k = Tr(P_W C_k) / Tr(C_k) of each encoder's row space, [M, K].
 
-    P_W projects onto the row space of W; its diagonal comes from the SVD (singular values below
-    the usual rank tolerance are dropped), never from an explicit (W Wᵀ)^{-1}.
+    P_W projects onto the row space of W. With W Wᵀ = U Λ Uᵀ, the rows of Λ^{-1/2} Uᵀ W are an
+    orthonormal basis of it, so diag(P_W) is their squared column norms; eigen-directions with
+    λ ≤ λ_max · N · 1e-6 (singular values below ~1e-3 of the largest) are dropped as rank
+    deficiency. No explicit (W Wᵀ)^{-1}; and XLA's CPU SVD is pathologically slow at some shapes.
     """
     num_tasks, task_dim = sqrt_spectra_KxT.shape
     spectra_KxT = sqrt_spectra_KxT ** 2
 
     def one(encoder_NxD):
-        _, sv_N, vt_NxD = jnp.linalg.svd(encoder_NxD, full_matrices=False)
-        tol = sv_N[0] * max(encoder_NxD.shape) * jnp.finfo(encoder_NxD.dtype).eps
-        kept_N = (sv_N > tol).astype(encoder_NxD.dtype)
-        proj_diag_D = jnp.einsum("n,nd->d", kept_N, vt_NxD * vt_NxD)
+        gram_NxN = jnp.matmul(encoder_NxD, encoder_NxD.T, precision=jax.lax.Precision.HIGHEST)
+        eig_N, vec_NxN = jnp.linalg.eigh(gram_NxN)
+        kept_N = eig_N > eig_N[-1] * encoder_NxD.shape[0] * 1e-6
+        scale_N = jnp.where(kept_N, jax.lax.rsqrt(jnp.where(kept_N, eig_N, 1.0)), 0.0)
+        basis_NxD = scale_N[:, None] * jnp.matmul(vec_NxN.T, encoder_NxD,
+                                                  precision=jax.lax.Precision.HIGHEST)
+        proj_diag_D = jnp.sum(basis_NxD * basis_NxD, axis=0)
         own_KxT = proj_diag_D[: num_tasks * task_dim].reshape(num_tasks, task_dim)
         return jnp.sum(spectra_KxT * own_KxT, axis=1) / jnp.sum(spectra_KxT, axis=1)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -101,27 +102,54 @@ def run_sweep(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, workdir: str,
     params, opt_state = program.init()
     steps = sweep.record_steps(injection)
     progress = Progress(sweep.num_steps) if show_progress else None
+    buffer = RecordBuffer(writer)
     train_loss_M = np.full(program.layout.num_models, np.nan, np.float32)
-    nan_interference = None
+    nan_interference = {name: np.full(spec.row_shape, np.nan, np.float32)
+                        for name, spec in record_specs(program).items() if name in INTERFERENCE}
+    pending = None
     for index, step in enumerate(steps):
-        if index > 0:
+        if index > 0:  # Dispatched asynchronously: the host writes the last record meanwhile.
             params, opt_state, train_loss_M = program.train_chunk(
                 params, opt_state, step - steps[index - 1], steps[index - 1])
         row = {"step": np.int64(step), "train_loss": train_loss_M, **program.evaluate(params)}
         if sweep.interference_every:
-            if step % sweep.interference_every == 0:
-                row.update(program.interference(params, step))
-            else:
-                nan_interference = nan_interference or {
-                    name: np.full(spec.row_shape, np.nan, np.float32)
-                    for name, spec in record_specs(program).items() if name in INTERFERENCE}
-                row.update(nan_interference)
-        writer.append({name: np.asarray(value)[None] for name, value in
-                       jax.device_get(row).items()})
-        if progress:
-            progress.update(step, f"mean task loss {np.mean(row['task_loss']):.3f}")
+            row.update(program.interference(params, step) if step % sweep.interference_every == 0
+                       else nan_interference)
+        if pending is not None:
+            buffer.add(jax.device_get(pending))
+        pending = row
+        if progress and index > 0:
+            progress.update(steps[index - 1], buffer.summary)
+    buffer.add(jax.device_get(pending))
+    buffer.flush()
+    if progress:
+        progress.update(steps[-1], buffer.summary)
     if injection:
         write_retention(writer, program)
+
+
+class RecordBuffer:
+    """Collects records and appends them in batches, at most `max_delay` seconds late."""
+
+    def __init__(self, writer: store.MetricWriter, max_delay: float = 2.0, max_rows: int = 64):
+        self.writer, self.max_delay, self.max_rows = writer, max_delay, max_rows
+        self.rows: list[dict] = []
+        self.last_flush = time.monotonic()
+        self.summary = ""
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.summary = f"mean task loss {np.mean(row['task_loss']):.3f}"
+        if (len(self.rows) >= self.max_rows
+                or time.monotonic() - self.last_flush >= self.max_delay):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.append({name: np.stack([np.asarray(r[name]) for r in self.rows])
+                                for name in self.rows[0]})
+            self.rows = []
+        self.last_flush = time.monotonic()
 
 
 def write_retention(writer: store.MetricWriter, program: sweep_lib.SweepProgram) -> None:

@@ -1,0 +1,340 @@
+"""OLMo-style decoder-only transformer (PAPER.md §2) in Flax linen.
+
+Variants (`OlmoConfig.variant`):
+- "olmo", the OLMo-7B-0724 recipe: pre-norm blocks x + attn(ln(x)), x + mlp(ln(x)) with a
+  non-parametric LayerNorm (no scale or bias); no biases anywhere; RoPE; SwiGLU MLP with a fused
+  up-projection of size mlp_ratio·D (hidden F = mlp_ratio·D/2, silu(gate)·up); untied input
+  embedding and output head; causal self-attention.
+- "olmo2": as HF `Olmo2`: RMSNorm with a learned scale applied to the sublayer *outputs*
+  (x + norm(attn(x)), x + norm(mlp(x))), a scaled RMSNorm before the head, and QK-norm (RMSNorm over
+  the full q and k projections, all heads together, before RoPE).
+
+RoPE uses HF's "rotate_half" layout (the two halves of each head, not interleaved pairs), so the
+weights port to HF `OlmoForCausalLM` / `Olmo2ForCausalLM` unchanged (see `hf_interop`).
+
+Why linen rather than NNX: `Module.apply` already is the pure `(params, tokens) -> logits` that a
+jitted, sharded train step wants; `nn.with_logical_partitioning` attaches logical axis names at init
+only, and `nn.with_logical_constraint` is a no-op unless logical-axis rules are active, so the same
+code runs on a plain CPU and under `jax.set_mesh` + `nn.logical_axis_rules` (ECOSYSTEM.md §4).
+NNX would need split/merge to keep the hot loop functional, and its `with_partitioning` raises
+without a mesh in context.
+
+Parameter tree (logical axes in brackets; `None` = never sharded):
+  embedding                  [V, D]     (vocab, embed)
+  block_{i}/attn/query|key|value [D, H, K]  (embed, heads, kv)
+  block_{i}/attn/out         [H, K, D]  (heads, kv, embed)
+  block_{i}/mlp/up_gate      [D, 2, F]  (embed, None, mlp)  [:, 0] = up, [:, 1] = gate (OLMo's
+                                        fused ff_proj order), split on its own axis so sharding
+                                        `mlp` keeps each up/gate pair on one device
+  block_{i}/mlp/down         [F, D]     (mlp, embed)
+  head                       [D, V]     (embed, vocab)
+  olmo2 only: block_{i}/attn/query_norm|key_norm [H, K] (heads, kv);
+              block_{i}/attn_out_norm, block_{i}/mlp_out_norm, final_norm [D] (embed)
+
+Init (the paper does not give one): weights truncated normal, std 0.02 cut at ±3σ (OLMo's "normal"
+init with cutoff factor 3); norm scales 1. Params are stored in `param_dtype` (float32) and cast to
+`compute_dtype` at use; norms, softmax and logits are computed in float32.
+
+Shapes: B batch, L sequence, D d_model, H heads, K head dim, F MLP hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rareret.errors import is_int, is_number, require
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+VARIANTS = ("olmo", "olmo2")
+ATTENTION_IMPLS = ("xla", "cudnn")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab")
+_INIT = nn.initializers.truncated_normal(0.02, lower=-3.0, upper=3.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class OlmoConfig:
+    """Size and numerics of one OLMo-style model.
+
+    `mlp_ratio` is the fused up-projection size over d_model (8 in OLMo: up-proj 8·D, hidden 4·D).
+    `attention` picks `jax.nn.dot_product_attention`'s backend: "xla" anywhere, "cudnn" (flash
+    attention) on NVIDIA GPUs with bfloat16 compute.
+    """
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int = 50304
+    mlp_ratio: int = 8
+    variant: str = "olmo"
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+    layer_norm_eps: float = 1e-5
+    attention: str = "xla"
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "mlp_ratio", "max_seq_len"):
+            value = getattr(self, name)
+            require(is_int(value) and value > 0,
+                    f"OlmoConfig.{name}={value!r}: must be a positive integer")
+        require(self.d_model % self.n_heads == 0,
+                f"OlmoConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        require(self.head_dim % 2 == 0,
+                f"OlmoConfig: head dim d_model/n_heads={self.head_dim} must be even for RoPE")
+        require(self.mlp_ratio % 2 == 0,
+                f"OlmoConfig.mlp_ratio={self.mlp_ratio}: must be even (the fused up-projection "
+                f"holds equal up and gate halves)")
+        require(self.variant in VARIANTS,
+                f"OlmoConfig.variant={self.variant!r}: must be one of {VARIANTS}")
+        for name in ("param_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            require(value in DTYPES, f"OlmoConfig.{name}={value!r}: must be one of {tuple(DTYPES)}")
+        for name in ("rope_theta", "layer_norm_eps"):
+            value = getattr(self, name)
+            require(is_number(value) and value > 0,
+                    f"OlmoConfig.{name}={value!r}: must be a positive number")
+        require(isinstance(self.remat, bool), f"OlmoConfig.remat={self.remat!r}: must be a bool")
+        require(self.attention in ATTENTION_IMPLS,
+                f"OlmoConfig.attention={self.attention!r}: must be one of {ATTENTION_IMPLS}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """F, the SwiGLU hidden width (half the fused up-projection)."""
+        return self.mlp_ratio * self.d_model // 2
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...],
+            axes: tuple[str | None, ...]) -> jax.Array:
+    """A weight with logical axis names, cast to the compute dtype."""
+    config = module.config
+    value = module.param(name, nn.with_logical_partitioning(_INIT, axes), shape,
+                         DTYPES[config.param_dtype])
+    return value.astype(DTYPES[config.compute_dtype])
+
+
+def _norm_scale(module: nn.Module, name: str, shape: tuple[int, ...],
+                axes: tuple[str, ...]) -> jax.Array:
+    """A norm scale (init 1) with logical axis names, kept in the param dtype."""
+    config = module.config
+    return module.param(name, nn.with_logical_partitioning(nn.initializers.ones, axes), shape,
+                        DTYPES[config.param_dtype])
+
+
+def _layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """Non-parametric LayerNorm over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - x32.mean(-1, keepdims=True)
+    variance = jnp.square(centred).mean(-1, keepdims=True)
+    return (centred * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
+
+
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the trailing `scale.ndim` axes, computed in float32."""
+    axes = tuple(range(-scale.ndim, 0))
+    x32 = x.astype(jnp.float32)
+    mean_square = jnp.square(x32).mean(axes, keepdims=True)
+    return (scale.astype(jnp.float32) * x32 * jax.lax.rsqrt(mean_square + eps)).astype(x.dtype)
+
+
+def _rope_tables(config: OlmoConfig, length: int) -> tuple[jax.Array, jax.Array]:
+    """cos and sin, each [L, K], for positions 0..L-1 in HF's rotate_half layout."""
+    k = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles_LxK = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles_LxK), jnp.sin(angles_LxK)
+
+
+def _rotate(x_BxLxHxK: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
+    x = x_BxLxHxK.astype(jnp.float32)
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    out = x * cos_LxK[:, None, :] + rotated * sin_LxK[:, None, :]
+    return out.astype(x_BxLxHxK.dtype)
+
+
+class _Attention(nn.Module):
+    config: OlmoConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, cos_LxK, sin_LxK):
+        config = self.config
+        d, h, k = config.d_model, config.n_heads, config.head_dim
+        qkv_axes = ("batch", "length", "heads", "kv")
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+            jnp.einsum("bld,dhk->blhk", x_BxLxD,
+                       _weight(self, name, (d, h, k), ("embed", "heads", "kv")))
+            for name in ("query", "key", "value"))
+        if config.variant == "olmo2":
+            eps = config.layer_norm_eps
+            q_BxLxHxK = _rms_norm(q_BxLxHxK, _norm_scale(self, "query_norm", (h, k), ("heads", "kv")), eps)
+            k_BxLxHxK = _rms_norm(k_BxLxHxK, _norm_scale(self, "key_norm", (h, k), ("heads", "kv")), eps)
+        q_BxLxHxK = nn.with_logical_constraint(_rotate(q_BxLxHxK, cos_LxK, sin_LxK), qkv_axes)
+        k_BxLxHxK = nn.with_logical_constraint(_rotate(k_BxLxHxK, cos_LxK, sin_LxK), qkv_axes)
+        v_BxLxHxK = nn.with_logical_constraint(v_BxLxHxK, qkv_axes)
+        out_BxLxHxK = jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=config.attention)
+        out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, qkv_axes)
+        return jnp.einsum("blhk,hkd->bld", out_BxLxHxK,
+                          _weight(self, "out", (h, k, d), ("heads", "kv", "embed")))
+
+
+class _Mlp(nn.Module):
+    config: OlmoConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        d, f = self.config.d_model, self.config.mlp_hidden
+        up_gate_BxLx2xF = jnp.einsum(
+            "bld,dtf->bltf", x_BxLxD, _weight(self, "up_gate", (d, 2, f), ("embed", None, "mlp")))
+        up_gate_BxLx2xF = nn.with_logical_constraint(
+            up_gate_BxLx2xF, ("batch", "length", None, "mlp"))
+        hidden_BxLxF = jax.nn.silu(up_gate_BxLx2xF[..., 1, :]) * up_gate_BxLx2xF[..., 0, :]
+        return jnp.einsum("blf,fd->bld", hidden_BxLxF,
+                          _weight(self, "down", (f, d), ("mlp", "embed")))
+
+
+class _Block(nn.Module):
+    config: OlmoConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, cos_LxK, sin_LxK):
+        config = self.config
+        attn, mlp = _Attention(config, name="attn"), _Mlp(config, name="mlp")
+        eps = config.layer_norm_eps
+        if config.variant == "olmo":
+            x_BxLxD = x_BxLxD + attn(_layer_norm(x_BxLxD, eps), cos_LxK, sin_LxK)
+            x_BxLxD = x_BxLxD + mlp(_layer_norm(x_BxLxD, eps))
+        else:
+            d = config.d_model
+            attn_scale = _norm_scale(self, "attn_out_norm", (d,), ("embed",))
+            mlp_scale = _norm_scale(self, "mlp_out_norm", (d,), ("embed",))
+            x_BxLxD = x_BxLxD + _rms_norm(attn(x_BxLxD, cos_LxK, sin_LxK), attn_scale, eps)
+            x_BxLxD = x_BxLxD + _rms_norm(mlp(x_BxLxD), mlp_scale, eps)
+        return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+
+class Decoder(nn.Module):
+    """The whole model: tokens [B, L] -> (logits [B, L, V] float32, residual stream per layer).
+
+    The residual stream is a tuple of n_layers + 1 arrays [B, L, D]: the embedded tokens, then
+    the output of every block (before the final norm).
+    """
+
+    config: OlmoConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL):
+        config = self.config
+        compute = DTYPES[config.compute_dtype]
+        embedding_VxD = self.param(
+            "embedding", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+            (config.vocab_size, config.d_model), DTYPES[config.param_dtype])
+        x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(compute)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        cos_LxK, sin_LxK = _rope_tables(config, tokens_BxL.shape[1])
+        block = nn.remat(_Block) if config.remat else _Block
+        hidden = [x_BxLxD]
+        for i in range(config.n_layers):
+            x_BxLxD = block(config, name=f"block_{i}")(x_BxLxD, cos_LxK, sin_LxK)
+            hidden.append(x_BxLxD)
+        if config.variant == "olmo":
+            x_BxLxD = _layer_norm(x_BxLxD, config.layer_norm_eps)
+        else:
+            scale = _norm_scale(self, "final_norm", (config.d_model,), ("embed",))
+            x_BxLxD = _rms_norm(x_BxLxD, scale, config.layer_norm_eps)
+        head_DxV = _weight(self, "head", (config.d_model, config.vocab_size), ("embed", "vocab"))
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV,
+                                  preferred_element_type=jnp.float32)
+        logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
+        return logits_BxLxV, tuple(hidden)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check_tokens(config: OlmoConfig, tokens_BxL) -> None:
+    require(tokens_BxL.ndim == 2 and jnp.issubdtype(tokens_BxL.dtype, jnp.integer),
+            f"tokens: shape {tokens_BxL.shape} dtype {tokens_BxL.dtype}; need an integer [B, L] array")
+    require(tokens_BxL.shape[1] <= config.max_seq_len,
+            f"tokens: length {tokens_BxL.shape[1]} exceeds max_seq_len={config.max_seq_len}")
+
+
+def _dummy_tokens() -> jax.Array:
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: OlmoConfig, rng: jax.Array) -> dict:
+    """Fresh params (plain arrays in `param_dtype`).
+
+    To init sharded: `jax.jit(init_params, static_argnums=0, out_shardings=...)`.
+    """
+    return nn.unbox(Decoder(config).init(rng, _dummy_tokens())["params"])
+
+
+def apply(config: OlmoConfig, params: dict, tokens_BxL: jax.Array) -> jax.Array:
+    """Logits [B, L, V] in float32."""
+    return apply_with_hidden(config, params, tokens_BxL)[0]
+
+
+def apply_with_hidden(config: OlmoConfig, params: dict,
+                      tokens_BxL: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Logits [B, L, V] float32 and the residual stream: n_layers + 1 arrays [B, L, D]."""
+    _check_tokens(config, tokens_BxL)
+    return Decoder(config).apply({"params": params}, tokens_BxL)
+
+
+def _boxed_shapes(config: OlmoConfig) -> dict:
+    return jax.eval_shape(Decoder(config).init, jax.random.key(0), _dummy_tokens())["params"]
+
+
+def param_shapes(config: OlmoConfig) -> dict:
+    """The param tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    return nn.unbox(_boxed_shapes(config))
+
+
+def logical_partition_specs(config: OlmoConfig) -> dict:
+    """The param tree of logical `PartitionSpec`s (names from LOGICAL_AXES, or None).
+
+    Map it to a mesh with `nn.logical_to_mesh_sharding(specs, mesh, rules)`.
+    """
+    return nn.get_partition_spec(_boxed_shapes(config))
+
+
+def count_params(params) -> int:
+    """Number of scalars in a param tree (arrays or ShapeDtypeStructs)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def param_count(config: OlmoConfig) -> dict[str, int]:
+    """Parameter counts by formula.
+
+    total; non_embedding = total minus the input embedding and the output head (2·V·D);
+    olmo_non_embedding = total minus the input embedding only, OLMo's
+    `num_params(include_embedding=False)`, the count the ladder's rung names follow.
+    Per layer: attention 4·D², MLP 3·D·F (= 12·D² at mlp_ratio 8); olmo2 adds 4·D norm scales per
+    layer (q, k, attention-out, MLP-out) and D for the final norm.
+    """
+    d, v = config.d_model, config.vocab_size
+    per_layer = 4 * d * d + 3 * d * config.mlp_hidden
+    final = 0
+    if config.variant == "olmo2":
+        per_layer += 4 * d
+        final = d
+    non_embedding = config.n_layers * per_layer + final
+    return {"total": non_embedding + 2 * v * d, "non_embedding": non_embedding,
+            "olmo_non_embedding": non_embedding + v * d}
