@@ -11,14 +11,18 @@ the workdir is touched.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
 
 import gin
-from absl import app, flags
+from absl import app, flags, logging
 
+from rareret import sharding
 from rareret.errors import ConfigError, require
+from rareret.lm import inject
+from rareret.lm import train as lm_train
 from rareret.synthetic import runner, tasks
 from rareret.synthetic import sweep as sweep_lib
 
@@ -29,11 +33,19 @@ flags.DEFINE_multi_string("gin_search_paths", ["."], "directories searched for g
 flags.DEFINE_string("workdir", None, "run directory (config, metrics, report).")
 flags.DEFINE_bool("overwrite", False, "replace a run already in --workdir.")
 flags.DEFINE_bool("report", True, "write the report when the run ends.")
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize (auto-detects TPU pods, "
+                  "SLURM, ...; or give the three flags below).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --distributed.")
+flags.DEFINE_integer("num_processes", None, "number of processes, for --distributed.")
+flags.DEFINE_integer("process_id", None, "this process's index, for --distributed.")
 
 TaskMixture = gin.external_configurable(tasks.TaskMixture, name="TaskMixture")
 Sweep = gin.external_configurable(sweep_lib.Sweep, name="Sweep")
 Injection = gin.external_configurable(tasks.Injection, name="Injection")
-EXPERIMENTS = ("synthetic",)
+LmTrain = gin.external_configurable(lm_train.LmTrain, name="LmTrain")
+gin.external_configurable(inject.TaskSpec, name="TaskSpec")
+gin.external_configurable(sharding.MeshSpec, name="MeshSpec")
+EXPERIMENTS = ("synthetic", "lm")
 RUN_MARKER = "spec.json"  # Present in every workdir that holds a run.
 
 
@@ -49,6 +61,9 @@ def run(workdir: str, experiment: str = "synthetic",
     """
     require(experiment in EXPERIMENTS,
             f"run.experiment={experiment!r} is not one of {list(EXPERIMENTS)}")
+    if experiment == "lm":
+        run_lm(workdir, LmTrain())
+        return
     base, sweep = TaskMixture(), Sweep()
     jobs = [(workdir, base)]
     if vary_mixture:
@@ -77,6 +92,23 @@ def run(workdir: str, experiment: str = "synthetic",
             print(f"report: {report.write_report(job_dir)}")
 
 
+def run_lm(workdir: str, spec: lm_train.LmTrain) -> None:
+    """Trains an LM run, resuming automatically when `workdir` holds the same run."""
+    marker = os.path.join(workdir, RUN_MARKER)
+    resume = os.path.exists(marker) and not FLAGS.overwrite
+    if resume:
+        with open(marker) as f:
+            require(json.load(f) == lm_train.spec_dict(spec),
+                    f"--workdir={workdir} holds a run with a different config; pass --overwrite "
+                    f"to replace it or choose another workdir")
+    else:
+        check_workdir(workdir, FLAGS.overwrite)
+        prepare_workdir(workdir)
+    with open(os.path.join(workdir, "config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+    lm_train.run_lm(spec, workdir)
+
+
 def check_workdir(workdir: str, overwrite: bool) -> None:
     """Raises ConfigError if `workdir` cannot take a new run; touches nothing."""
     require(not os.path.exists(workdir) or os.path.isdir(workdir),
@@ -93,7 +125,7 @@ def check_workdir(workdir: str, overwrite: bool) -> None:
 
 def prepare_workdir(workdir: str) -> None:
     """Creates `workdir`, removing the outputs of a run it held (checked by `check_workdir`)."""
-    for name in ("metrics", "report", RUN_MARKER, "config.gin"):
+    for name in ("metrics", "report", "checkpoints", RUN_MARKER, "config.gin"):
         path = os.path.join(workdir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -125,6 +157,15 @@ def parse_gin(files: list[str], bindings: list[str], search_paths: list[str]) ->
     gin.finalize()
 
 
+def initialize_distributed(coordinator_address, num_processes, process_id) -> None:
+    """One JAX program over many processes; CPU processes talk through gloo collectives."""
+    import jax
+
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
 def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
@@ -136,10 +177,14 @@ def rewrite_gin_args(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         require(FLAGS.workdir, "--workdir is required")
+        if FLAGS.distributed:
+            initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
         parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
         run(FLAGS.workdir)
     except ConfigError as e:

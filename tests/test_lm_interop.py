@@ -33,7 +33,8 @@ def random_params(config, seed=0):
 
 def hf_outputs(hf_model, tokens_BxL):
     with torch.no_grad():
-        return hf_model(torch.tensor(np.asarray(tokens_BxL), dtype=torch.long), output_hidden_states=True)
+        input_ids = torch.tensor(np.asarray(tokens_BxL), dtype=torch.long)
+        return hf_model(input_ids, output_hidden_states=True)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -43,8 +44,8 @@ def test_logits_match_transformers(variant):
     tokens_BxL = jax.random.randint(jax.random.key(1), (3, 24), 0, VOCAB)
     logits, hidden = jax.jit(model.apply_with_hidden, static_argnums=0)(config, params, tokens_BxL)
     hf_model = hf_interop.to_hf_model(config, params)
-    expected_cls = transformers.OlmoForCausalLM if variant == "olmo" else transformers.Olmo2ForCausalLM
-    assert type(hf_model) is expected_cls
+    expected = {"olmo": transformers.OlmoForCausalLM, "olmo2": transformers.Olmo2ForCausalLM}
+    assert type(hf_model) is expected[variant]
     assert hf_model.config.tie_word_embeddings is False
     out = hf_outputs(hf_model, tokens_BxL)
     assert np.abs(np.asarray(logits)).max() > 1.0

@@ -44,11 +44,12 @@ _SIZE_FIELDS = ("d_model", "n_layers", "n_heads", "mlp_ratio", "vocab_size")
 
 
 def config_for(name: str, vocab_size: int | None = None, **overrides) -> OlmoConfig:
-    """The `OlmoConfig` of rung `name`; `overrides` set the non-size fields (variant, dtypes, ...)."""
+    """The `OlmoConfig` of rung `name`; `overrides` set non-size fields (variant, dtypes, ...)."""
     require(name in LADDER, f"ladder rung {name!r} is unknown; known rungs: {', '.join(LADDER)}")
     fields = {f.name for f in dataclasses.fields(OlmoConfig)} - set(_SIZE_FIELDS)
     unknown = sorted(set(overrides) - fields)
-    require(not unknown, f"config_for({name!r}): cannot override {unknown}; allowed: {sorted(fields)}")
+    require(not unknown,
+            f"config_for({name!r}): cannot override {unknown}; allowed: {sorted(fields)}")
     rung = LADDER[name]
     return OlmoConfig(
         d_model=rung.d_model, n_layers=rung.n_layers, n_heads=rung.n_heads,

@@ -160,6 +160,7 @@ def _rope_tables(config: OlmoConfig, length: int) -> tuple[jax.Array, jax.Array]
 
 
 def _rotate(x_BxLxHxK: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
+    """RoPE in the rotate_half layout, computed in float32."""
     x = x_BxLxHxK.astype(jnp.float32)
     first, second = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)
@@ -180,9 +181,10 @@ class _Attention(nn.Module):
                        _weight(self, name, (d, h, k), ("embed", "heads", "kv")))
             for name in ("query", "key", "value"))
         if config.variant == "olmo2":
-            eps = config.layer_norm_eps
-            q_BxLxHxK = _rms_norm(q_BxLxHxK, _norm_scale(self, "query_norm", (h, k), ("heads", "kv")), eps)
-            k_BxLxHxK = _rms_norm(k_BxLxHxK, _norm_scale(self, "key_norm", (h, k), ("heads", "kv")), eps)
+            q_scale = _norm_scale(self, "query_norm", (h, k), ("heads", "kv"))
+            k_scale = _norm_scale(self, "key_norm", (h, k), ("heads", "kv"))
+            q_BxLxHxK = _rms_norm(q_BxLxHxK, q_scale, config.layer_norm_eps)
+            k_BxLxHxK = _rms_norm(k_BxLxHxK, k_scale, config.layer_norm_eps)
         q_BxLxHxK = nn.with_logical_constraint(_rotate(q_BxLxHxK, cos_LxK, sin_LxK), qkv_axes)
         k_BxLxHxK = nn.with_logical_constraint(_rotate(k_BxLxHxK, cos_LxK, sin_LxK), qkv_axes)
         v_BxLxHxK = nn.with_logical_constraint(v_BxLxHxK, qkv_axes)
@@ -268,7 +270,8 @@ class Decoder(nn.Module):
 
 def _check_tokens(config: OlmoConfig, tokens_BxL) -> None:
     require(tokens_BxL.ndim == 2 and jnp.issubdtype(tokens_BxL.dtype, jnp.integer),
-            f"tokens: shape {tokens_BxL.shape} dtype {tokens_BxL.dtype}; need an integer [B, L] array")
+            f"tokens: shape {tokens_BxL.shape} dtype {tokens_BxL.dtype}; need an integer "
+            f"[B, L] array")
     require(tokens_BxL.shape[1] <= config.max_seq_len,
             f"tokens: length {tokens_BxL.shape[1]} exceeds max_seq_len={config.max_seq_len}")
 
@@ -326,8 +329,8 @@ def param_count(config: OlmoConfig) -> dict[str, int]:
     total; non_embedding = total minus the input embedding and the output head (2·V·D);
     olmo_non_embedding = total minus the input embedding only, OLMo's
     `num_params(include_embedding=False)`, the count the ladder's rung names follow.
-    Per layer: attention 4·D², MLP 3·D·F (= 12·D² at mlp_ratio 8); olmo2 adds 4·D norm scales per
-    layer (q, k, attention-out, MLP-out) and D for the final norm.
+    Per layer: attention 4·D², MLP 3·D·F (= 12·D² at mlp_ratio 8); olmo2 adds 4·D norm scales
+    per layer (q, k, attention-out, MLP-out) and D for the final norm.
     """
     d, v = config.d_model, config.vocab_size
     per_layer = 4 * d * d + 3 * d * config.mlp_hidden

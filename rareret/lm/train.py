@@ -1,0 +1,364 @@
+"""The sharded language-model loop (PAPER.md §2): an OLMo-style decoder on packed text with rare
+synthetic tasks injected at controlled frequencies.
+
+Per step: the grain iterator yields this process's rows of the global batch, the `Injector` writes
+task instances over the first tokens of chosen rows, the rows become one global array sharded
+over (data, fsdp), and a jitted step (parameters and optimiser state sharded by the logical-axis
+rules of `rareret.sharding`, state donated) applies AdamW with warm-up + cosine decay.
+
+Records (`<workdir>/metrics/`, every `record_every` steps and at the end): `lm_loss` [record]
+(mean training loss since the previous record), `task_loss` [record, task] (cross-entropy of
+LABEL on the task's injected train instances) and `task_accuracy` [record, task] (full-vocabulary
+argmax = LABEL on its held-out test instances). Checkpoints (orbax, `<workdir>/checkpoints/`)
+hold the train state, the grain iterator state and the losses not yet recorded; a restart
+resumes from the latest one and rolls the arrays back to it, so a resumed run's arrays equal an
+uninterrupted run's.
+
+Shapes: B global batch, b local batch, L sequence, V vocab, N eval instances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from rareret import sharding, store
+from rareret.errors import ConfigError, is_int, is_number, require
+from rareret.lm import corpus, data, inject, ladder
+from rareret.lm import model as lm_model
+from rareret.progress import Progress
+
+VOCAB_MULTIPLE = 128  # Pad the model vocabulary (OLMo: 50,280 → 50,304).
+
+
+@dataclasses.dataclass(frozen=True)
+class LmTrain:
+    """What to train and on what (gin name `LmTrain`).
+
+    Attributes:
+      model: ladder rung (`python -m rareret.lm.ladder` lists them).
+      variant, compute_dtype, remat: passed to the model config.
+      data: a Dolma shard or directory of shards, a `.npy` token file or directory, or "default"
+        (the embedded stdlib-docstring corpus, built offline in the workdir).
+      tokenizer: a tokenizer.json for text data; None trains a byte-level BPE of `vocab_size`
+        on the corpus and saves it in the workdir.
+      vocab_size: BPE size to train, or the vocabulary of `.npy` token data.
+      eos_id: end-of-document id of `.npy` token data.
+      seq_len, global_batch, num_steps: sequence length, sequences per step, steps.
+      learning_rate, warmup_steps, min_lr_ratio: AdamW peak rate, linear warm-up, cosine decay
+        to min_lr_ratio · peak at the last step.
+      weight_decay, clip_norm: AdamW decoupled decay; global-norm gradient clipping.
+      record_every, checkpoint_every: steps between metric records / checkpoints.
+      seed: data order, model init and injection placement.
+      tasks: injected tasks (`inject.TaskSpec`s).
+      eval_instances: test (and train) instances per task used for the task metrics.
+      mesh: device mesh (`sharding.MeshSpec`).
+    """
+
+    model: str = "tiny"
+    variant: str = "olmo"
+    compute_dtype: str = "float32"
+    remat: bool = False
+    data: str = "default"
+    tokenizer: str | None = None
+    vocab_size: int = 512
+    eos_id: int = 0
+    seq_len: int = 128
+    global_batch: int = 16
+    num_steps: int = 200
+    learning_rate: float = 3e-4
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    record_every: int = 20
+    checkpoint_every: int = 50
+    seed: int = 0
+    tasks: Sequence[inject.TaskSpec] = ()
+    eval_instances: int = 1000
+    mesh: sharding.MeshSpec = sharding.MeshSpec()
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "global_batch", "num_steps", "record_every",
+                     "checkpoint_every", "eval_instances"):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 1, f"LmTrain.{name}={value!r} must be an integer ≥ 1")
+        for name in ("warmup_steps", "seed", "eos_id"):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 0, f"LmTrain.{name}={value!r} must be an integer ≥ 0")
+        require(is_number(self.learning_rate) and 0 < self.learning_rate < math.inf,
+                f"LmTrain.learning_rate={self.learning_rate!r} must be a finite number > 0")
+        for name in ("min_lr_ratio", "weight_decay"):
+            value = getattr(self, name)
+            require(is_number(value) and 0 <= value <= 1,
+                    f"LmTrain.{name}={value!r} must be a number in [0, 1]")
+        require(is_number(self.clip_norm) and self.clip_norm > 0,
+                f"LmTrain.clip_norm={self.clip_norm!r} must be a number > 0")
+        require(self.seq_len >= inject.INSTANCE_LEN,
+                f"LmTrain.seq_len={self.seq_len} must be ≥ {inject.INSTANCE_LEN} (a task instance)")
+        names = [t.name for t in self.tasks]
+        require(len(set(names)) == len(names), f"LmTrain.tasks: duplicate task names {names}")
+        ladder.config_for(self.model, variant=self.variant, compute_dtype=self.compute_dtype,
+                          remat=self.remat)  # Validates the model fields.
+
+
+def padded_vocab(size: int) -> int:
+    return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+@dataclasses.dataclass
+class Corpus:
+    tokens: tuple[np.ndarray, ...]
+    vocab_size: int
+    eos_id: int
+
+
+def load_corpus(spec: LmTrain, workdir: str) -> Corpus:
+    """Tokens of the training corpus, training (once, saved in the workdir) a tokenizer if needed."""
+    if spec.data != "default" and any(str(spec.data).endswith(s) for s in data.TOKEN_SUFFIXES) \
+            or (os.path.isdir(spec.data) and data.shard_paths(spec.data, data.TOKEN_SUFFIXES)
+                and not data.shard_paths(spec.data)):
+        token_corpus = data.TokenCorpus.from_token_files(spec.data, spec.vocab_size, spec.eos_id)
+        return Corpus(token_corpus.tokens, spec.vocab_size, spec.eos_id)
+    path = spec.data
+    if path == "default":
+        path = corpus.write_default_corpus(os.path.join(workdir, "data", "stdlib_docs.json.gz"))
+    if spec.tokenizer:
+        tokenizer = data.load_tokenizer(spec.tokenizer)
+    else:
+        saved = os.path.join(workdir, "tokenizer.json")
+        tokenizer = (data.load_tokenizer(saved) if os.path.exists(saved) else
+                     data.train_tokenizer((d.text for d in data.read_documents(path)),
+                                          spec.vocab_size, saved))
+    token_corpus = data.TokenCorpus.from_documents(path, tokenizer)
+    return Corpus(token_corpus.tokens, token_corpus.vocab_size, token_corpus.eos_id)
+
+
+def optimizer(spec: LmTrain) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, spec.learning_rate, max(spec.warmup_steps, 1), max(spec.num_steps, 2),
+        end_value=spec.learning_rate * spec.min_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(spec.clip_norm),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8,
+                                   weight_decay=spec.weight_decay))
+
+
+def next_token_loss(config, params, tokens_BxL) -> jax.Array:
+    logits_BxLxV = lm_model.apply(config, params, tokens_BxL)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV[:, :-1], tokens_BxL[:, 1:]).mean()
+
+
+class LmProgram:
+    """The sharded, compiled pieces of an LM run: init, train step and task evaluation."""
+
+    def __init__(self, spec: LmTrain, vocab_size: int, mesh):
+        self.spec, self.mesh = spec, mesh
+        self.config = ladder.config_for(spec.model, vocab_size=padded_vocab(vocab_size),
+                                        variant=spec.variant, compute_dtype=spec.compute_dtype,
+                                        remat=spec.remat, max_seq_len=max(spec.seq_len, 16))
+        self.tx = optimizer(spec)
+        param_sh = sharding.logical_sharding(lm_model.logical_partition_specs(self.config), mesh)
+        sharding.check_divisible(lm_model.param_shapes(self.config), param_sh)
+        abstract_params = lm_model.param_shapes(self.config)
+        opt_sh = optax.tree_map_params(
+            self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, abstract_params), param_sh,
+            transform_non_params=lambda _: sharding.replicated(mesh))
+        self.state_sharding = {"params": param_sh, "opt_state": opt_sh,
+                               "step": sharding.replicated(mesh)}
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        self._init = jax.jit(self._init_state, out_shardings=self.state_sharding)
+        self.train_step = jax.jit(
+            self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+        self.task_metrics = jax.jit(self._task_metrics,
+                                    out_shardings=sharding.replicated(mesh))
+
+    def _traced(self, fn, *args):
+        with jax.set_mesh(self.mesh), lm_model.nn.logical_axis_rules(sharding.RULES):
+            return fn(*args)
+
+    def init(self):
+        return self._traced(self._init, jax.random.key(self.spec.seed))
+
+    def abstract_state(self):
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            jax.eval_shape(self._init_state, jax.random.key(0)),
+                            self.state_sharding)
+
+    def _init_state(self, rng):
+        params = lm_model.Decoder(self.config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        params = lm_model.nn.unbox(params)
+        return {"params": params, "opt_state": self.tx.init(params),
+                "step": jnp.zeros((), jnp.int32)}
+
+    def _train_step(self, state, tokens_BxL):
+        loss, grads = jax.value_and_grad(
+            lambda p: next_token_loss(self.config, p, tokens_BxL))(state["params"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        return ({"params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state, "step": state["step"] + 1}, loss)
+
+    def step(self, state, local_batch_bxL: np.ndarray):
+        batch = jax.make_array_from_process_local_data(self.batch_sharding, local_batch_bxL)
+        return self._traced(self.train_step, state, batch)
+
+    def _task_metrics(self, params, tokens_NxI, labels_N):
+        """(mean CE of LABEL, accuracy of argmax = LABEL) given TOK1 TOK2, per instance set."""
+        logits_NxV = lm_model.apply(self.config, params, tokens_NxI)[:, inject.LABEL_POS - 1]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits_NxV, labels_N).mean()
+        return loss, jnp.mean(jnp.argmax(logits_NxV, axis=-1) == labels_N)
+
+    def evaluate(self, params, eval_sets) -> dict[str, np.ndarray]:
+        losses, accuracies = [], []
+        for train_set, test_set in eval_sets:
+            losses.append(self._traced(self.task_metrics, params, *train_set)[0])
+            accuracies.append(self._traced(self.task_metrics, params, *test_set)[1])
+        return {"task_loss": np.asarray(jax.device_get(losses), np.float32),
+                "task_accuracy": np.asarray(jax.device_get(accuracies), np.float32)}
+
+
+def record_specs(num_tasks: int, task_names: list[str]) -> dict[str, store.RecordSpec]:
+    tasks_attr = {"tasks": task_names}
+    return {
+        "step": store.RecordSpec((), np.int64, (), {"description": "training steps taken"}),
+        "lm_loss": store.RecordSpec((), np.float32, (), {
+            "description": "next-token cross-entropy averaged over the steps since the last record"}),
+        "task_loss": store.RecordSpec((num_tasks,), np.float32, ("task",), {
+            **tasks_attr, "description": "cross-entropy of LABEL on injected (train) instances"}),
+        "task_accuracy": store.RecordSpec((num_tasks,), np.float32, ("task",), {
+            **tasks_attr, "description": "argmax over the vocabulary = LABEL, held-out instances"}),
+    }
+
+
+def eval_sets(tasks: list[inject.Task], eos_id: int, count: int):
+    """Per task: ((tokens, labels) of train instances, (tokens, labels) of test instances)."""
+    out = []
+    for task in tasks:
+        pair = []
+        for split in ("train", "test"):
+            tokens_NxI, label_pos = inject.eval_batch(task, eos_id, split)
+            tokens_NxI = np.asarray(tokens_NxI[:count], np.int32)
+            pair.append((tokens_NxI, tokens_NxI[:, label_pos]))
+        out.append(tuple(pair))
+    return out
+
+
+class Checkpoints:
+    """orbax checkpoints of (train state, grain iterator state, unrecorded losses)."""
+
+    def __init__(self, directory: str):
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, iterator, pending_losses: list[float]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave({"pending_losses": pending_losses})), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state, iterator):
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(iterator), meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]["pending_losses"]
+
+    def close(self):
+        self.manager.close()
+
+
+def write_spec(workdir: str, spec: LmTrain) -> None:
+    with open(os.path.join(workdir, "spec.json"), "w") as f:
+        json.dump(spec_dict(spec), f, indent=2)
+
+
+def spec_dict(spec: LmTrain) -> dict:
+    return {"experiment": "lm", "lm": json.loads(json.dumps(dataclasses.asdict(spec),
+                                                            default=list))}
+
+
+def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> None:
+    """Trains (or resumes) the LM run in `workdir`."""
+    mesh = sharding.make_mesh(spec.mesh)
+    writer_process = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    text = load_corpus(spec, workdir)
+    program = LmProgram(spec, text.vocab_size, mesh)
+    tasks = [inject.build_task(t, text.vocab_size, reserved=(text.eos_id,)) for t in spec.tasks]
+    injector = inject.Injector(tasks, spec.global_batch, spec.seq_len, text.eos_id,
+                               seed=spec.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    dataset = data.make_dataset(text.tokens, spec.seq_len, spec.global_batch, spec.seed,
+                                jax.process_index(), jax.process_count())
+    iterator = data.make_iterator(dataset)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+    metrics_dir = os.path.join(workdir, "metrics")
+    task_names = [t.name for t in spec.tasks]
+    start, pending = checkpoints.latest(), []
+    if start is None:
+        start, state = 0, program.init()
+        writer = (store.MetricWriter.create(metrics_dir, record_specs(len(tasks), task_names),
+                                            {}, overwrite=True) if writer_process else None)
+        if writer_process:
+            write_spec(workdir, spec)
+    else:
+        state, pending = checkpoints.restore(start, program.abstract_state(), iterator)
+        writer = store.MetricWriter.open(metrics_dir) if writer_process else None
+        if writer:  # Records past the checkpoint are rolled back and recomputed.
+            steps = store.open_metrics(metrics_dir).read("step")
+            writer.truncate(int(np.sum(steps <= start)))
+    evals = eval_sets(tasks, text.eos_id, spec.eval_instances)
+    progress = Progress(spec.num_steps) if show_progress and writer_process else None
+    tokens_per_step = spec.global_batch * spec.seq_len
+
+    def record(step: int) -> None:
+        lm_loss = float(np.mean(pending)) if pending else float("nan")
+        if not math.isfinite(lm_loss) and pending:
+            raise ConfigError(f"LM training diverged by step {step}: mean loss {lm_loss}; the last "
+                              f"good checkpoint is step {checkpoints.latest()}")
+        row = {"step": np.int64(step), "lm_loss": np.float32(lm_loss),
+               **program.evaluate(state["params"], evals)}
+        if writer:
+            writer.append({name: np.asarray(value)[None] for name, value in row.items()})
+        pending.clear()
+
+    if start == 0:
+        record(0)
+    started = time.perf_counter()
+    losses = []
+    for step in range(start, spec.num_steps):
+        local, _ = injector.inject(next(iterator), step)
+        state, loss = program.step(state, local)
+        losses.append(loss)
+        done = step + 1
+        if done % spec.record_every == 0 or done == spec.num_steps:
+            pending.extend(float(x) for x in jax.device_get(losses))
+            losses = []
+            record(done)
+        if done % spec.checkpoint_every == 0 or done == spec.num_steps:
+            pending.extend(float(x) for x in jax.device_get(losses))
+            losses = []
+            require(all(math.isfinite(x) for x in pending),
+                    f"LM training diverged by step {done}: non-finite loss; the last good "
+                    f"checkpoint is step {checkpoints.latest()}")
+            checkpoints.save(done, state, iterator, pending)
+        if progress and (done % spec.record_every == 0 or done == spec.num_steps):
+            rate = (done - start) * tokens_per_step / (time.perf_counter() - started)
+            progress.update(done, f"{rate:,.0f} tokens/s")
+    checkpoints.close()

@@ -1,0 +1,316 @@
+"""Throughput of the packed width sweep against per-model JAX and PyTorch loops, on CPU.
+
+    python tools/bench_sweep.py [--seed_counts=1,4] [--reps=7] [--widths=2,4,8,16,32,64]
+
+The default shapes are the ones the issue names: the default config's mixture and batch
+(gin_configs/synthetic/default.gin: K=16 tasks, d_T=16, D=256, B=512, lr 3e-3, 1000 warm-up
+steps) with widths 2, 4, …, 64, at 1 and 4 seeds. Three methods train the same models:
+
+  packed      `SweepProgram.train_chunk`: every model of the sweep in one jitted scan over steps.
+  jax loop    one jitted single-model `SweepProgram` per width, run model after model.
+  torch loop  per model an nn.Module, AdamW, clip_grad_norm_(1.0) and an inverse-sqrt LambdaLR,
+              run model after model on torch.set_num_threads(--torch_threads) (2: this machine's
+              cores), each drawing its batches with torch on the CPU.
+
+The unit is the sweep-step: one optimiser step of EVERY model of the sweep (all widths × seeds); a
+loop's time per sweep-step is the sum over its models of each model's time per step. Useful work
+per sweep-step counts each model's GEMMs at its true width N_m (no padded units, no input
+gradient, no optimiser or elementwise work):
+
+    FLOPs = Σ_m [2·B·D·N_m (encoder fwd) + 2·B·N_m·T (own-task decoder fwd)
+                 + 2·B·D·N_m (encoder weight grad) + 2·B·N_m·T (hidden grad)
+                 + 2·B·N_m·T (decoder grad)]
+          = Σ_m (4·B·D·N_m + 6·B·N_m·T).
+
+gemm_fraction = useful FLOP/s ÷ the FLOP/s of XLA's CPU GEMM of the sweep's encoder shape
+[B, D] @ [D, ΣN] (ΣN over all of the sweep's models), measured in this process, interleaved with
+the runs. Each figure is the median over --reps repetitions; the methods take turns within each
+repetition. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from rareret.synthetic import sweep as sweep_lib
+from rareret.synthetic import tasks
+
+try:
+    import torch
+except ImportError:  # The optional extra `torch`; without it the torch loop is skipped.
+    torch = None
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("widths", ["2", "4", "8", "16", "32", "64"], "encoder widths N.")
+flags.DEFINE_list("seed_counts", ["1", "4"], "seeds per width; each count is its own sweep.")
+flags.DEFINE_integer("num_tasks", 16, "K.")
+flags.DEFINE_integer("task_dim", 16, "d_T.")
+flags.DEFINE_integer("input_dim", 256, "D.")
+flags.DEFINE_integer("batch_size", 512, "B.")
+flags.DEFINE_float("learning_rate", 3e-3, "peak AdamW rate.")
+flags.DEFINE_integer("warmup_steps", 1000, "linear warm-up steps of the inverse-sqrt schedule.")
+flags.DEFINE_integer("reps", 7, "timed repetitions of every method; medians are reported.")
+flags.DEFINE_integer("chunk", 200, "steps per timed chunk of the packed program.")
+flags.DEFINE_integer("loop_chunk", 100, "steps per timed chunk of each jax-loop model.")
+flags.DEFINE_integer("torch_steps", 20, "steps per timed stretch of each torch-loop model.")
+flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads (this machine has 2 cores).")
+
+GEMM_FLOPS_PER_TIMING = 2e10  # About 0.2 s of GEMM per rate measurement.
+
+
+def useful_flops(sweep: sweep_lib.Sweep, mixture: tasks.TaskMixture) -> float:
+    """Σ_m (4·B·D·N_m + 6·B·N_m·T): each model's GEMM work at its true width."""
+    total_width = sum(sweep.widths) * len(sweep.seeds) * len(sweep.learning_rates)
+    batch, dim, task_dim = sweep.batch_size, mixture.input_dim, mixture.task_dim
+    return float(total_width * (4 * batch * dim + 6 * batch * task_dim))
+
+
+def init_by_seed(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep):
+    """`SweepProgram(mixture, sweep).init()`, built one seed at a time.
+
+    A model's init depends only on (seed, width), so concatenating single-seed inits along each
+    group's copies axis gives the same state. The direct call hangs here with ≥ 2 seeds at these
+    widths: its batched QR (orthogonal init; jaxlib's lapack_sgeqrf_ffi → ParallelBatchMap) waits
+    for tasks queued on XLA's CPU pool from inside both of that pool's two threads.
+    """
+    parts = [sweep_lib.SweepProgram(mixture, dataclasses.replace(sweep, seeds=(seed,))).init()
+             for seed in sweep.seeds]
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *parts)
+
+
+class Packed:
+    """The packed sweep, timed one chunk of `chunk` steps at a time."""
+
+    def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, chunk: int):
+        self.program = sweep_lib.SweepProgram(mixture, sweep)
+        self.state = init_by_seed(mixture, sweep)
+        self.chunk, self.step = chunk, 0
+        self.run()  # Compiles.
+
+    def run(self) -> float:
+        """Seconds per sweep-step over one chunk."""
+        start = time.perf_counter()
+        params, opt_state, loss_M = self.program.train_chunk(*self.state, self.chunk, self.step)
+        jax.block_until_ready((params, opt_state, loss_M))
+        elapsed = time.perf_counter() - start
+        self.state, self.step = (params, opt_state), self.step + self.chunk
+        return elapsed / self.chunk
+
+
+class JaxLoop:
+    """Separate single-model runs: one jitted program per width, one state per (width, seed).
+
+    A model's seed sets only its init, so the models of a width share that width's program. Each
+    starts from the packed sweep's init of the same model and trains on the same batches.
+    """
+
+    def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, chunk: int):
+        params, opt_state = init_by_seed(mixture, sweep)
+        self.chunk, self.step = chunk, 0
+        self.models = []  # [width][seed] → (program, state)
+        for group, width in enumerate(sweep.widths):
+            program = sweep_lib.SweepProgram(
+                mixture, dataclasses.replace(sweep, widths=(width,), seeds=(0,)))
+            row = []
+            for copy in range(len(sweep.seeds)):
+                state = jax.tree.map(lambda leaf: leaf[copy:copy + 1],
+                                     ((params[group],), (opt_state[group],)))
+                row.append((program, state))
+            self.models.append(row)
+        self.run()  # Compiles.
+
+    def run(self) -> np.ndarray:
+        """Seconds per step of each model over one chunk, [widths, seeds]."""
+        seconds = np.zeros((len(self.models), len(self.models[0])))
+        for w, row in enumerate(self.models):
+            for s, (program, state) in enumerate(row):
+                start = time.perf_counter()
+                out = program.train_chunk(*state, self.chunk, self.step)
+                jax.block_until_ready(out)
+                seconds[w, s] = (time.perf_counter() - start) / self.chunk
+                row[s] = (program, out[:2])
+        self.step += self.chunk
+        return seconds
+
+
+class TorchLoop:
+    """Per model, the straightforward PyTorch toy: Linear encoder, gathered per-task decoders."""
+
+    def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, steps: int):
+        self.mixture, self.sweep, self.steps = mixture, sweep, steps
+        self.priors_K = torch.tensor(mixture.prior_array(), dtype=torch.float32)
+        self.sqrt_spectra_KxT = torch.tensor(np.sqrt(mixture.spectra()), dtype=torch.float32)
+        self.rows_B = torch.arange(sweep.batch_size)
+        self.models = [[self._model(width, seed) for seed in sweep.seeds]
+                       for width in sweep.widths]
+        self.run()  # Warms up allocators and kernels.
+
+    def _model(self, width: int, seed: int):
+        mix = self.mixture
+        generator = torch.Generator().manual_seed(1000 * seed + width)
+        net = torch.nn.Module()
+        net.encoder = torch.nn.Linear(mix.input_dim, width, bias=False)
+        torch.nn.init.orthogonal_(net.encoder.weight, generator=generator)
+        bound = 1.0 / np.sqrt(width)
+        net.decoders = torch.nn.Parameter(
+            torch.empty(mix.num_tasks, mix.task_dim, width).uniform_(-bound, bound,
+                                                                     generator=generator))
+        opt = torch.optim.AdamW(net.parameters(), lr=self.sweep.learning_rate, betas=(0.9, 0.999),
+                                eps=1e-8, weight_decay=self.sweep.weight_decay)
+        warmup = float(max(self.sweep.warmup_steps, 1))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: min((step + 1) / warmup, (warmup / (step + 1)) ** 0.5))
+        return net, opt, sched, generator
+
+    def _step(self, net, opt, sched, generator) -> None:
+        mix, batch = self.mixture, self.sweep.batch_size
+        x_BxD = torch.randn(batch, mix.input_dim, generator=generator)
+        task_B = torch.multinomial(self.priors_K, batch, replacement=True, generator=generator)
+        blocks_BxKxT = x_BxD[:, :mix.num_tasks * mix.task_dim].view(batch, mix.num_tasks, -1)
+        y_BxT = blocks_BxKxT[self.rows_B, task_B] * self.sqrt_spectra_KxT[task_B]
+        pred_BxT = torch.einsum("btn,bn->bt", net.decoders[task_B], net.encoder(x_BxD))
+        loss = torch.nn.functional.mse_loss(pred_BxT, y_BxT)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+
+    def run(self) -> np.ndarray:
+        """Seconds per step of each model over `steps` steps, [widths, seeds]."""
+        seconds = np.zeros((len(self.models), len(self.models[0])))
+        for w, row in enumerate(self.models):
+            for s, model in enumerate(row):
+                start = time.perf_counter()
+                for _ in range(self.steps):
+                    self._step(*model)
+                seconds[w, s] = (time.perf_counter() - start) / self.steps
+        return seconds
+
+
+class Gemm:
+    """FLOP/s of XLA's CPU GEMM [m, k] @ [k, n], on a few distinct inputs (no hoisting)."""
+
+    def __init__(self, m: int, k: int, n: int):
+        keys = jax.random.split(jax.random.key(0), 2)
+        self.xs = jax.random.normal(keys[0], (8, m, k), jnp.float32)
+        self.w = jax.random.normal(keys[1], (k, n), jnp.float32)
+        self.flops = 2.0 * m * k * n
+        self.count = max(8, int(GEMM_FLOPS_PER_TIMING / self.flops))
+
+        def loop(xs, w):
+            body = lambda i, acc: acc + xs[i % xs.shape[0]] @ w
+            return jax.lax.fori_loop(0, self.count, body, jnp.zeros((m, n), jnp.float32))
+
+        self.loop = jax.jit(loop)
+        self.run()  # Compiles.
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(self.loop(self.xs, self.w))
+        return self.count * self.flops / (time.perf_counter() - start)
+
+
+def load_average() -> str:
+    return "load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main(argv):
+    del argv
+    wall_start = time.perf_counter()
+    widths = tuple(int(w) for w in FLAGS.widths)
+    counts = sorted(int(n) for n in FLAGS.seed_counts)
+    mixture = tasks.TaskMixture(num_tasks=FLAGS.num_tasks, task_dim=FLAGS.task_dim,
+                                input_dim=FLAGS.input_dim, beta=1.5, alpha=2.0)
+    sweeps = {n: sweep_lib.Sweep(widths=widths, seeds=tuple(range(n)),
+                                 learning_rate=FLAGS.learning_rate,
+                                 warmup_steps=FLAGS.warmup_steps, batch_size=FLAGS.batch_size)
+              for n in counts}
+    largest = sweeps[counts[-1]]
+    largest.check_against(mixture)
+    print(load_average())
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
+          + (f"torch {torch.__version__}, torch.set_num_threads({FLAGS.torch_threads})"
+             if torch else "torch not installed: torch loop skipped"))
+    print(f"shapes: K={mixture.num_tasks} d_T={mixture.task_dim} D={mixture.input_dim} "
+          f"B={FLAGS.batch_size} widths={list(widths)} seeds={counts}; steps timed per rep: "
+          f"packed {FLAGS.chunk}, jax loop {FLAGS.loop_chunk}/model, "
+          f"torch loop {FLAGS.torch_steps}/model; {FLAGS.reps} reps", flush=True)
+
+    if torch:
+        torch.set_num_threads(FLAGS.torch_threads)
+    packed = {n: Packed(mixture, sweeps[n], FLAGS.chunk) for n in counts}
+    jax_loop = JaxLoop(mixture, largest, FLAGS.loop_chunk)
+    torch_loop = TorchLoop(mixture, largest, FLAGS.torch_steps) if torch else None
+    batch, dim = FLAGS.batch_size, mixture.input_dim
+    gemms = {n: Gemm(batch, dim, sum(widths) * n) for n in counts}
+    square = Gemm(1024, 1024, 1024)
+    print(f"compiled and warmed up in {time.perf_counter() - wall_start:.1f} s", flush=True)
+
+    seconds = {(method, n): [] for method in ("packed", "jax loop", "torch loop") for n in counts}
+    rates = {n: [] for n in counts}
+    square_rates = []
+    for _ in range(FLAGS.reps):
+        for n in counts:
+            seconds["packed", n].append(packed[n].run())
+            rates[n].append(gemms[n].run())
+        square_rates.append(square.run())
+        loops = [("jax loop", jax_loop)] + ([("torch loop", torch_loop)] if torch else [])
+        for method, loop in loops:
+            per_model = loop.run()
+            for n in counts:  # The n-seed loop is the models of seeds 0…n-1.
+                seconds[method, n].append(float(per_model[:, :n].sum()))
+
+    gemm_rate = {n: statistics.median(rates[n]) for n in counts}
+    square_rate = statistics.median(square_rates)
+    step_s = {key: statistics.median(v) if v else None for key, v in seconds.items()}
+    header = (f"{'method':<11}{'seeds':>6}{'models':>7}{'sweep-steps/s':>15}{'ms/sweep-step':>15}"
+              f"{'useful GFLOP/s':>16}{'gemm fraction':>15}{'packed speedup':>16}")
+    print(header)
+    print("-" * len(header))
+    result = {}
+    for n in counts:
+        flops = useful_flops(sweeps[n], mixture)
+        suffix = "" if n == counts[-1] else f"_{n}seed"
+        for method in ("packed", "jax loop", "torch loop"):
+            s = step_s[method, n]
+            if s is None:
+                print(f"{method:<11}{n:>6}{len(widths) * n:>7}   skipped (torch not installed)")
+                continue
+            speedup = s / step_s["packed", n]
+            print(f"{method:<11}{n:>6}{len(widths) * n:>7}{1 / s:>15.1f}{1e3 * s:>15.2f}"
+                  f"{flops / s / 1e9:>16.1f}{flops / s / gemm_rate[n]:>15.3f}{speedup:>16.2f}")
+            result[f"sweep_steps_per_s_{method.replace(' ', '_')}_{n}seed"] = round(1 / s, 2)
+        packed_s = step_s["packed", n]
+        result[f"gemm_fraction{suffix}"] = round(flops / packed_s / gemm_rate[n], 4)
+        for method in ("jax loop", "torch loop"):
+            s = step_s[method, n]
+            key = f"speedup_vs_{method.replace(' ', '_')}{suffix}"
+            result[key] = None if s is None else round(s / packed_s, 3)
+        result[f"useful_gflop_per_sweep_step_{n}seed"] = round(flops / 1e9, 4)
+        result[f"gemm_gflops_encoder_shape_{n}seed"] = round(gemm_rate[n] / 1e9, 2)
+        print(f"  {n} seed(s): useful work {flops / 1e9:.4f} GFLOP per sweep-step; gemm fraction "
+              f"denominator: encoder-shape GEMM [{batch}, {dim}] @ [{dim}, {sum(widths) * n}] "
+              f"at {gemm_rate[n] / 1e9:.1f} GFLOP/s")
+    result["gemm_gflops_square_1024"] = round(square_rate / 1e9, 2)
+    result["gemm_fraction_denominator"] = "encoder-shape GEMM [B, D] @ [D, sum of widths]"
+    result["seeds"] = counts[-1]
+    result["torch"] = torch.__version__ if torch else None
+    result["torch_threads"] = FLAGS.torch_threads if torch else None
+    print(f"reference: square GEMM 1024^3 at {square_rate / 1e9:.1f} GFLOP/s")
+    print(load_average())
+    result["wall_s"] = round(time.perf_counter() - wall_start, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
