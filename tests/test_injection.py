@@ -46,11 +46,11 @@ def test_counts_have_the_exact_long_run_frequency(gap, batch_size):
 
 
 def test_counts_include_non_integer_per_cycle_amounts():
-    # 3·5·(3/64) = 45/64 < 1 per cycle: most cycles inject nothing, one in ~1.4 injects one.
+    # 3·5·(3/64) = 45/64 < 1 per cycle: 45 of every 64 cycles inject one example, the rest none.
     counts = tasks.Injection(gap=3, rate=3 / 64).counts(3, 5, 3 / 64, 64)
     assert counts.sum() == 45 and set(counts.tolist()) == {0, 1}
-    np.testing.assert_array_equal(np.flatnonzero(counts),
-                                  [c - 1 for c in range(1, 65) if (c * 45) // 64 > ((c - 1) * 45) // 64])
+    injecting = [c - 1 for c in range(1, 65) if (c * 45) // 64 > ((c - 1) * 45) // 64]
+    np.testing.assert_array_equal(np.flatnonzero(counts), injecting)
 
 
 @pytest.mark.parametrize("gap, batch_size, rate", [
