@@ -77,12 +77,18 @@ def interference(example_losses: Callable, groups, task_B: jax.Array, num_tasks:
 
     Args:
       example_losses: maps `groups` to per-example losses [B] (close over everything else).
-      groups: tuple/list/dict of parameter sub-trees; one matrix per top-level entry.
+      groups: tuple/list/dict of parameter sub-trees; one matrix per top-level entry, in the
+        order given.
       task_B: each example's task id.
       num_tasks: T.
       task_chunk: tasks whose backward passes run together (memory ∝ task_chunk).
     """
-    grads = task_gradients(example_losses, groups, task_B, num_tasks, task_chunk)
+    if isinstance(groups, dict):  # jax rebuilds dicts in sorted-key order; keep the caller's.
+        names = list(groups)
+        grads = task_gradients(lambda values: example_losses(dict(zip(names, values))),
+                               tuple(groups.values()), task_B, num_tasks, task_chunk)
+    else:
+        grads = task_gradients(example_losses, groups, task_B, num_tasks, task_chunk)
     return stats_per_group(grads)
 
 

@@ -63,8 +63,6 @@ def test_decimal_rates_stay_within_one_example(gap, batch_size, rate):
     assert np.all(counts <= batch_size) and np.all(counts >= 0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: counts floor the float product gap·B·rate, "
-                                       "100 × 0.29 = 28.999999999999996 → 28 at cycle 1")
 def test_decimal_rate_with_integer_cycle_amount_is_exact():
     counts = tasks.Injection(gap=1, rate=0.29).counts(1, 100, 0.29, 10)
     np.testing.assert_array_equal(counts, 29)

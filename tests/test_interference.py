@@ -132,8 +132,6 @@ def test_tuple_groups_match_dict_groups(mlp):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dict groups come back in sorted-key order, not the "
-                                       "caller's order (jax rebuilds dicts with sorted keys)")
 def test_dict_groups_keep_the_callers_order(mlp):
     example_losses, groups, task_B, naive = mlp
     reordered = {"layer2": groups["layer2"], "layer1": groups["layer1"]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Sequence
 
 import jax
@@ -233,9 +234,10 @@ class Injection:
 
     def counts(self, gap: int, batch_size: int, rate: float, num_cycles: int) -> np.ndarray:
         """m_c, rare examples injected at the end of cycle c, [num_cycles] int."""
-        per_cycle = gap * batch_size * rate
-        cumulative = np.floor(np.arange(num_cycles + 1) * per_cycle)
-        return np.diff(cumulative).astype(np.int32)
+        per_cycle = gap * batch_size * Fraction(str(rate))  # The rate as the decimal it prints.
+        cumulative = [c * per_cycle.numerator // per_cycle.denominator
+                      for c in range(num_cycles + 1)]
+        return np.diff(np.asarray(cumulative, np.int64)).astype(np.int32)
 
 
 def stream_tasks(key: jax.Array, batch_size: int, log_priors_K: jax.Array, rare_task,
