@@ -58,11 +58,16 @@ def run(workdir: str, experiment: str = "synthetic",
     `injection` (`run.injection = @Injection()`) trains under a matched-frequency schedule.
     `vary_mixture` ({field: [values]}, one field) runs one sweep per value, in
     `workdir/<field>=<value>/`, for knobs that change the data stream (e.g. β).
+    A workdir holding the same run resumes it; one holding another run is refused.
     """
     require(experiment in EXPERIMENTS,
             f"run.experiment={experiment!r} is not one of {list(EXPERIMENTS)}")
     if experiment == "lm":
-        run_lm(workdir, LmTrain())
+        spec = LmTrain()
+        lm_train.check_inputs(spec)
+        claim_workdir(workdir, lm_train.spec_dict(spec))
+        write_config(workdir)
+        finish(lm_train.run_lm(spec, workdir))
         return
     base, sweep = TaskMixture(), Sweep()
     jobs = [(workdir, base)]
@@ -80,52 +85,59 @@ def run(workdir: str, experiment: str = "synthetic",
         sweep.check_against(mixture)
         if injection:
             injection.check_against(mixture, sweep.batch_size)
-        check_workdir(job_dir, FLAGS.overwrite)
-    config = gin.operative_config_str()
+        check_workdir(job_dir, runner.spec_dict(mixture, sweep, injection))
     for job_dir, mixture in jobs:
-        prepare_workdir(job_dir)
-        with open(os.path.join(job_dir, "config.gin"), "w") as f:
-            f.write(config)
-        runner.run_sweep(mixture, sweep, job_dir, injection)
+        claim_workdir(job_dir, runner.spec_dict(mixture, sweep, injection))
+        write_config(job_dir)
+        finish(runner.run_sweep(mixture, sweep, job_dir, injection))
         if FLAGS.report:
             from rareret.analysis import report  # matplotlib loads only when a report is wanted.
             print(f"report: {report.write_report(job_dir)}")
 
 
-def run_lm(workdir: str, spec: lm_train.LmTrain) -> None:
-    """Trains an LM run, resuming automatically when `workdir` holds the same run."""
-    marker = os.path.join(workdir, RUN_MARKER)
-    resume = os.path.exists(marker) and not FLAGS.overwrite
-    if resume:
-        with open(marker) as f:
-            require(json.load(f) == lm_train.spec_dict(spec),
-                    f"--workdir={workdir} holds a run with a different config; pass --overwrite "
-                    f"to replace it or choose another workdir")
-    else:
-        check_workdir(workdir, FLAGS.overwrite)
-        prepare_workdir(workdir)
+def finish(completed: bool) -> None:
+    """Exits 0 at once when a run stopped early for preemption (it resumes on a re-run)."""
+    if not completed:
+        sys.exit(0)
+
+
+def write_config(workdir: str) -> None:
     with open(os.path.join(workdir, "config.gin"), "w") as f:
         f.write(gin.operative_config_str())
-    lm_train.run_lm(spec, workdir)
 
 
-def check_workdir(workdir: str, overwrite: bool) -> None:
-    """Raises ConfigError if `workdir` cannot take a new run; touches nothing."""
+def check_workdir(workdir: str, spec: dict) -> bool:
+    """Whether `workdir` resumes the run `spec` (True) or starts it; touches nothing.
+
+    ConfigError if it is not a writable directory, or holds a different run (and no --overwrite).
+    """
     require(not os.path.exists(workdir) or os.path.isdir(workdir),
             f"--workdir={workdir} exists and is not a directory")
-    require(overwrite or not os.path.exists(os.path.join(workdir, RUN_MARKER)),
-            f"--workdir={workdir} already holds a run; choose another workdir or pass "
-            f"--overwrite to replace it")
+    marker = os.path.join(workdir, RUN_MARKER)
+    if os.path.exists(marker) and not FLAGS.overwrite:
+        with open(marker) as f:
+            require(json.load(f) == spec,
+                    f"--workdir={workdir} already holds a run with a different config; choose "
+                    f"another workdir or pass --overwrite to replace it")
+        return True
     existing = os.path.abspath(workdir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     require(os.access(existing, os.W_OK | os.X_OK),
             f"--workdir={workdir} is not writable ({existing} denies writing)")
+    return False
+
+
+def claim_workdir(workdir: str, spec: dict) -> None:
+    """Prepares `workdir` for the run `spec`: kept as is to resume, else (re)created empty."""
+    if not check_workdir(workdir, spec):
+        prepare_workdir(workdir)
 
 
 def prepare_workdir(workdir: str) -> None:
     """Creates `workdir`, removing the outputs of a run it held (checked by `check_workdir`)."""
-    for name in ("metrics", "report", "checkpoints", RUN_MARKER, "config.gin"):
+    for name in ("metrics", "report", "checkpoints", "data", "tokenizer.json", RUN_MARKER,
+                 "config.gin"):
         path = os.path.join(workdir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)

@@ -87,7 +87,7 @@ BAD = [  # (arguments, text the error line must contain)
     (["--gin_bindings=Sweep.widths = [2, 2.5]"], "2.5"),
     (["--gin_bindings=Sweep.learning_rate = 0"], "learning_rate=0"),
     (["--gin_bindings=run.experiment = 'nope'"], "'nope'"),
-    ([], "--overwrite"),  # The workdir already holds a run.
+    (["--gin_bindings=Sweep.num_steps = 30"], "--overwrite"),  # Holds a different run.
 ]
 
 
@@ -146,6 +146,6 @@ def test_mixture_variants_run_in_subdirs_and_refuse_before_touching(tmp_path):
     assert steps(workdir / "beta=0.5") == steps(workdir / "beta=2.0") == [0, 10, 20]
     before = snapshot(workdir)
     proc = rareret("--gin_bindings=run.vary_mixture = {'beta': [0.0, 2.0]}", "--noreport",
-                   f"--workdir={workdir}", cwd=tmp_path)
-    check_one_line_error(proc, "beta=2.0")
+                   "--gin_bindings=Sweep.num_steps = 30", f"--workdir={workdir}", cwd=tmp_path)
+    check_one_line_error(proc, "beta=2.0")  # beta=2.0/ holds a run with a different config.
     assert snapshot(workdir) == before  # beta=0.0/ was not created before the refusal.

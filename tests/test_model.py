@@ -53,11 +53,11 @@ def model_slice(params, layout, m):
 
 def test_packed_models_follow_models_trained_alone():
     program = sweep.SweepProgram(MIXTURE, SWEEP)
-    params, opt_state = program.init()
-    initial = jax.tree.map(np.array, params)
+    state = program.init()
+    initial = jax.tree.map(np.array, state["params"])
     packed_losses = []
     for t in range(SWEEP.num_steps):
-        params, opt_state, loss_M = program.train_chunk(params, opt_state, 1, t)
+        state, loss_M = program.train_chunk(state, 1, t)
         packed_losses.append(np.asarray(loss_M))
     packed_losses = np.stack(packed_losses, axis=1)
     coords = program.coords
@@ -77,9 +77,9 @@ def test_packed_models_follow_models_trained_alone():
 
 
 def test_init_depends_only_on_seed_and_width():
-    both = sweep.SweepProgram(MIXTURE, SWEEP).init()[0]
+    both = sweep.SweepProgram(MIXTURE, SWEEP).init()["params"]
     alone_spec = sweep.Sweep(widths=(12,), seeds=(3,), batch_size=96, num_steps=1, record_every=1)
-    alone = sweep.SweepProgram(MIXTURE, alone_spec).init()[0]
+    alone = sweep.SweepProgram(MIXTURE, alone_spec).init()["params"]
     group = SWEEP.widths.index(12)
     copy = SWEEP.seeds.index(3) * len(SWEEP.learning_rates)
     for name in ("encoder", "decoders"):
@@ -87,7 +87,7 @@ def test_init_depends_only_on_seed_and_width():
 
 
 def test_decoder_init_is_pytorch_linear_default():
-    params = sweep.SweepProgram(MIXTURE, SWEEP).init()[0]
+    params = sweep.SweepProgram(MIXTURE, SWEEP).init()["params"]
     for width, group in zip(SWEEP.widths, params):
         dec = np.asarray(group["decoders"])
         assert np.abs(dec).max() <= 1 / np.sqrt(width)

@@ -6,7 +6,7 @@ The default shapes are the ones the issue names: the default config's mixture an
 (gin_configs/synthetic/default.gin: K=16 tasks, d_T=16, D=256, B=512, lr 3e-3, 1000 warm-up
 steps) with widths 2, 4, …, 64, at 1 and 4 seeds. Three methods train the same models:
 
-  packed      `SweepProgram.train_chunk`: every model of the sweep in one jitted scan over steps.
+  packed      `SweepProgram.train_chunk`: every model of the sweep in one jitted loop over steps.
   jax loop    one jitted single-model `SweepProgram` per width, run model after model.
   torch loop  per model an nn.Module, AdamW, clip_grad_norm_(1.0) and an inverse-sqrt LambdaLR,
               run model after model on torch.set_num_threads(--torch_threads) (2: this machine's
@@ -30,6 +30,7 @@ repetition. The last line printed is one JSON object.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -39,7 +40,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 from rareret.synthetic import sweep as sweep_lib
 from rareret.synthetic import tasks
@@ -49,22 +49,8 @@ try:
 except ImportError:  # The optional extra `torch`; without it the torch loop is skipped.
     torch = None
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("widths", ["2", "4", "8", "16", "32", "64"], "encoder widths N.")
-flags.DEFINE_list("seed_counts", ["1", "4"], "seeds per width; each count is its own sweep.")
-flags.DEFINE_integer("num_tasks", 16, "K.")
-flags.DEFINE_integer("task_dim", 16, "d_T.")
-flags.DEFINE_integer("input_dim", 256, "D.")
-flags.DEFINE_integer("batch_size", 512, "B.")
-flags.DEFINE_float("learning_rate", 3e-3, "peak AdamW rate.")
-flags.DEFINE_integer("warmup_steps", 1000, "linear warm-up steps of the inverse-sqrt schedule.")
-flags.DEFINE_integer("reps", 7, "timed repetitions of every method; medians are reported.")
-flags.DEFINE_integer("chunk", 200, "steps per timed chunk of the packed program.")
-flags.DEFINE_integer("loop_chunk", 100, "steps per timed chunk of each jax-loop model.")
-flags.DEFINE_integer("torch_steps", 20, "steps per timed stretch of each torch-loop model.")
-flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads (this machine has 2 cores).")
-
 GEMM_FLOPS_PER_TIMING = 2e10  # About 0.2 s of GEMM per rate measurement.
+METHODS = ("packed", "jax loop", "torch loop")
 
 
 def useful_flops(sweep: sweep_lib.Sweep, mixture: tasks.TaskMixture) -> float:
@@ -77,10 +63,11 @@ def useful_flops(sweep: sweep_lib.Sweep, mixture: tasks.TaskMixture) -> float:
 def init_by_seed(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep):
     """`SweepProgram(mixture, sweep).init()`, built one seed at a time.
 
-    A model's init depends only on (seed, width), so concatenating single-seed inits along each
-    group's copies axis gives the same state. The direct call hangs here with ≥ 2 seeds at these
-    widths: its batched QR (orthogonal init; jaxlib's lapack_sgeqrf_ffi → ParallelBatchMap) waits
-    for tasks queued on XLA's CPU pool from inside both of that pool's two threads.
+    A model's init depends only on (seed, width): concatenating single-seed states leaf by leaf
+    gives the same per-group [copies, …] arrays, and per-model flags that all start equal. The
+    direct call hangs here with 4 seeds (sometimes with 2): its batched QR (orthogonal init;
+    jaxlib's lapack_sgeqrf_ffi → ParallelBatchMap) waits for work queued on XLA's CPU pool from
+    inside both of that pool's two threads.
     """
     parts = [sweep_lib.SweepProgram(mixture, dataclasses.replace(sweep, seeds=(seed,))).init()
              for seed in sweep.seeds]
@@ -92,52 +79,42 @@ class Packed:
 
     def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, chunk: int):
         self.program = sweep_lib.SweepProgram(mixture, sweep)
-        self.state = init_by_seed(mixture, sweep)
-        self.chunk, self.step = chunk, 0
+        self.state, self.chunk, self.step = init_by_seed(mixture, sweep), chunk, 0
         self.run()  # Compiles.
 
     def run(self) -> float:
         """Seconds per sweep-step over one chunk."""
         start = time.perf_counter()
-        params, opt_state, loss_M = self.program.train_chunk(*self.state, self.chunk, self.step)
-        jax.block_until_ready((params, opt_state, loss_M))
+        out = jax.block_until_ready(self.program.train_chunk(self.state, self.chunk, self.step))
         elapsed = time.perf_counter() - start
-        self.state, self.step = (params, opt_state), self.step + self.chunk
+        self.state, self.step = out[0], self.step + self.chunk
         return elapsed / self.chunk
 
 
 class JaxLoop:
-    """Separate single-model runs: one jitted program per width, one state per (width, seed).
+    """Separate single-model runs, one after another, on the packed sweep's batches.
 
-    A model's seed sets only its init, so the models of a width share that width's program. Each
-    starts from the packed sweep's init of the same model and trains on the same batches.
+    Each model is initialised as in the packed sweep; a seed sets only the init, so the models of
+    a width share that width's jitted program.
     """
 
     def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, chunk: int):
-        params, opt_state = init_by_seed(mixture, sweep)
         self.chunk, self.step = chunk, 0
-        self.models = []  # [width][seed] → (program, state)
-        for group, width in enumerate(sweep.widths):
-            program = sweep_lib.SweepProgram(
-                mixture, dataclasses.replace(sweep, widths=(width,), seeds=(0,)))
-            row = []
-            for copy in range(len(sweep.seeds)):
-                state = jax.tree.map(lambda leaf: leaf[copy:copy + 1],
-                                     ((params[group],), (opt_state[group],)))
-                row.append((program, state))
-            self.models.append(row)
+        one = lambda width, seed: dataclasses.replace(sweep, widths=(width,), seeds=(seed,))
+        self.programs = [sweep_lib.SweepProgram(mixture, one(width, 0)) for width in sweep.widths]
+        self.states = [[sweep_lib.SweepProgram(mixture, one(width, seed)).init()
+                        for seed in sweep.seeds] for width in sweep.widths]
         self.run()  # Compiles.
 
     def run(self) -> np.ndarray:
         """Seconds per step of each model over one chunk, [widths, seeds]."""
-        seconds = np.zeros((len(self.models), len(self.models[0])))
-        for w, row in enumerate(self.models):
-            for s, (program, state) in enumerate(row):
+        seconds = np.zeros((len(self.states), len(self.states[0])))
+        for w, (program, row) in enumerate(zip(self.programs, self.states)):
+            for s, state in enumerate(row):
                 start = time.perf_counter()
-                out = program.train_chunk(*state, self.chunk, self.step)
-                jax.block_until_ready(out)
+                out = jax.block_until_ready(program.train_chunk(state, self.chunk, self.step))
                 seconds[w, s] = (time.perf_counter() - start) / self.chunk
-                row[s] = (program, out[:2])
+                row[s] = out[0]
         self.step += self.chunk
         return seconds
 
@@ -161,9 +138,8 @@ class TorchLoop:
         net.encoder = torch.nn.Linear(mix.input_dim, width, bias=False)
         torch.nn.init.orthogonal_(net.encoder.weight, generator=generator)
         bound = 1.0 / np.sqrt(width)
-        net.decoders = torch.nn.Parameter(
-            torch.empty(mix.num_tasks, mix.task_dim, width).uniform_(-bound, bound,
-                                                                     generator=generator))
+        net.decoders = torch.nn.Parameter(torch.empty(mix.num_tasks, mix.task_dim, width)
+                                          .uniform_(-bound, bound, generator=generator))
         opt = torch.optim.AdamW(net.parameters(), lr=self.sweep.learning_rate, betas=(0.9, 0.999),
                                 eps=1e-8, weight_decay=self.sweep.weight_decay)
         warmup = float(max(self.sweep.warmup_steps, 1))
@@ -198,12 +174,12 @@ class TorchLoop:
 
 
 class Gemm:
-    """FLOP/s of XLA's CPU GEMM [m, k] @ [k, n], on a few distinct inputs (no hoisting)."""
+    """FLOP/s of XLA's CPU GEMM [m, k] @ [k, n], cycling over 8 inputs (nothing to hoist)."""
 
     def __init__(self, m: int, k: int, n: int):
-        keys = jax.random.split(jax.random.key(0), 2)
-        self.xs = jax.random.normal(keys[0], (8, m, k), jnp.float32)
-        self.w = jax.random.normal(keys[1], (k, n), jnp.float32)
+        key_x, key_w = jax.random.split(jax.random.key(0))
+        self.xs = jax.random.normal(key_x, (8, m, k), jnp.float32)
+        self.w = jax.random.normal(key_w, (k, n), jnp.float32)
         self.flops = 2.0 * m * k * n
         self.count = max(8, int(GEMM_FLOPS_PER_TIMING / self.flops))
 
@@ -224,93 +200,118 @@ def load_average() -> str:
     return "load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def main(argv):
-    del argv
+def parse_args() -> argparse.Namespace:
+    ints = lambda text: tuple(int(v) for v in text.split(","))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=ints, default=(2, 4, 8, 16, 32, 64))
+    parser.add_argument("--seed_counts", type=ints, default=(1, 4),
+                        help="seeds per width; each count is its own sweep")
+    parser.add_argument("--num_tasks", type=int, default=16)
+    parser.add_argument("--task_dim", type=int, default=16)
+    parser.add_argument("--input_dim", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--warmup_steps", type=int, default=1000)
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions of every method")
+    parser.add_argument("--chunk", type=int, default=200, help="steps per packed timing")
+    parser.add_argument("--loop_chunk", type=int, default=50,
+                        help="steps per timing of each jax-loop model")
+    parser.add_argument("--torch_steps", type=int, default=20,
+                        help="steps per timing of each torch-loop model")
+    parser.add_argument("--torch_threads", type=int, default=2,
+                        help="torch.set_num_threads (this machine has 2 cores)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     wall_start = time.perf_counter()
-    widths = tuple(int(w) for w in FLAGS.widths)
-    counts = sorted(int(n) for n in FLAGS.seed_counts)
-    mixture = tasks.TaskMixture(num_tasks=FLAGS.num_tasks, task_dim=FLAGS.task_dim,
-                                input_dim=FLAGS.input_dim, beta=1.5, alpha=2.0)
-    sweeps = {n: sweep_lib.Sweep(widths=widths, seeds=tuple(range(n)),
-                                 learning_rate=FLAGS.learning_rate,
-                                 warmup_steps=FLAGS.warmup_steps, batch_size=FLAGS.batch_size)
+    counts = sorted(args.seed_counts)
+    mixture = tasks.TaskMixture(num_tasks=args.num_tasks, task_dim=args.task_dim,
+                                input_dim=args.input_dim, beta=1.5, alpha=2.0)
+    sweeps = {n: sweep_lib.Sweep(widths=args.widths, seeds=tuple(range(n)),
+                                 learning_rate=args.learning_rate,
+                                 warmup_steps=args.warmup_steps, batch_size=args.batch_size)
               for n in counts}
     largest = sweeps[counts[-1]]
-    largest.check_against(mixture)
     print(load_average())
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
-          + (f"torch {torch.__version__}, torch.set_num_threads({FLAGS.torch_threads})"
+          + (f"torch {torch.__version__} with torch.set_num_threads({args.torch_threads})"
              if torch else "torch not installed: torch loop skipped"))
     print(f"shapes: K={mixture.num_tasks} d_T={mixture.task_dim} D={mixture.input_dim} "
-          f"B={FLAGS.batch_size} widths={list(widths)} seeds={counts}; steps timed per rep: "
-          f"packed {FLAGS.chunk}, jax loop {FLAGS.loop_chunk}/model, "
-          f"torch loop {FLAGS.torch_steps}/model; {FLAGS.reps} reps", flush=True)
+          f"B={args.batch_size} widths={list(args.widths)} seeds={counts}; per rep: packed "
+          f"{args.chunk} steps, jax loop {args.loop_chunk} and torch loop {args.torch_steps} "
+          f"steps per model; {args.reps} reps", flush=True)
 
     if torch:
-        torch.set_num_threads(FLAGS.torch_threads)
-    packed = {n: Packed(mixture, sweeps[n], FLAGS.chunk) for n in counts}
-    jax_loop = JaxLoop(mixture, largest, FLAGS.loop_chunk)
-    torch_loop = TorchLoop(mixture, largest, FLAGS.torch_steps) if torch else None
-    batch, dim = FLAGS.batch_size, mixture.input_dim
-    gemms = {n: Gemm(batch, dim, sum(widths) * n) for n in counts}
+        torch.set_num_threads(args.torch_threads)
+    packed = {n: Packed(mixture, sweeps[n], args.chunk) for n in counts}
+    jax_loop = JaxLoop(mixture, largest, args.loop_chunk)
+    torch_loop = TorchLoop(mixture, largest, args.torch_steps) if torch else None
+    batch, dim = args.batch_size, mixture.input_dim
+    gemms = {n: Gemm(batch, dim, sum(args.widths) * n) for n in counts}
     square = Gemm(1024, 1024, 1024)
     print(f"compiled and warmed up in {time.perf_counter() - wall_start:.1f} s", flush=True)
 
-    seconds = {(method, n): [] for method in ("packed", "jax loop", "torch loop") for n in counts}
+    seconds = {(method, n): [] for method in METHODS for n in counts}
     rates = {n: [] for n in counts}
     square_rates = []
-    for _ in range(FLAGS.reps):
+    loops = [("jax loop", jax_loop)] + ([("torch loop", torch_loop)] if torch else [])
+    for _ in range(args.reps):
         for n in counts:
             seconds["packed", n].append(packed[n].run())
             rates[n].append(gemms[n].run())
         square_rates.append(square.run())
-        loops = [("jax loop", jax_loop)] + ([("torch loop", torch_loop)] if torch else [])
         for method, loop in loops:
             per_model = loop.run()
-            for n in counts:  # The n-seed loop is the models of seeds 0…n-1.
+            for n in counts:  # The n-seed loop runs the models of seeds 0…n−1.
                 seconds[method, n].append(float(per_model[:, :n].sum()))
 
-    gemm_rate = {n: statistics.median(rates[n]) for n in counts}
-    square_rate = statistics.median(square_rates)
     step_s = {key: statistics.median(v) if v else None for key, v in seconds.items()}
+    gemm_rate = {n: statistics.median(rates[n]) for n in counts}
     header = (f"{'method':<11}{'seeds':>6}{'models':>7}{'sweep-steps/s':>15}{'ms/sweep-step':>15}"
               f"{'useful GFLOP/s':>16}{'gemm fraction':>15}{'packed speedup':>16}")
-    print(header)
-    print("-" * len(header))
-    result = {}
+    print(f"\n{header}\n{'-' * len(header)}")
+    summary, rows = {}, {}
     for n in counts:
         flops = useful_flops(sweeps[n], mixture)
         suffix = "" if n == counts[-1] else f"_{n}seed"
-        for method in ("packed", "jax loop", "torch loop"):
-            s = step_s[method, n]
-            if s is None:
-                print(f"{method:<11}{n:>6}{len(widths) * n:>7}   skipped (torch not installed)")
-                continue
-            speedup = s / step_s["packed", n]
-            print(f"{method:<11}{n:>6}{len(widths) * n:>7}{1 / s:>15.1f}{1e3 * s:>15.2f}"
-                  f"{flops / s / 1e9:>16.1f}{flops / s / gemm_rate[n]:>15.3f}{speedup:>16.2f}")
-            result[f"sweep_steps_per_s_{method.replace(' ', '_')}_{n}seed"] = round(1 / s, 2)
         packed_s = step_s["packed", n]
-        result[f"gemm_fraction{suffix}"] = round(flops / packed_s / gemm_rate[n], 4)
-        for method in ("jax loop", "torch loop"):
+        for method in METHODS:
             s = step_s[method, n]
-            key = f"speedup_vs_{method.replace(' ', '_')}{suffix}"
-            result[key] = None if s is None else round(s / packed_s, 3)
-        result[f"useful_gflop_per_sweep_step_{n}seed"] = round(flops / 1e9, 4)
-        result[f"gemm_gflops_encoder_shape_{n}seed"] = round(gemm_rate[n] / 1e9, 2)
-        print(f"  {n} seed(s): useful work {flops / 1e9:.4f} GFLOP per sweep-step; gemm fraction "
-              f"denominator: encoder-shape GEMM [{batch}, {dim}] @ [{dim}, {sum(widths) * n}] "
-              f"at {gemm_rate[n] / 1e9:.1f} GFLOP/s")
-    result["gemm_gflops_square_1024"] = round(square_rate / 1e9, 2)
-    result["gemm_fraction_denominator"] = "encoder-shape GEMM [B, D] @ [D, sum of widths]"
-    result["seeds"] = counts[-1]
-    result["torch"] = torch.__version__ if torch else None
-    result["torch_threads"] = FLAGS.torch_threads if torch else None
-    print(f"reference: square GEMM 1024^3 at {square_rate / 1e9:.1f} GFLOP/s")
+            name = method.replace(" ", "_")
+            if s is None:
+                print(f"{method:<11}{n:>6}{len(args.widths) * n:>7}  skipped: torch not installed")
+                rows[f"{name}_{n}seed"] = None
+            else:
+                print(f"{method:<11}{n:>6}{len(args.widths) * n:>7}{1 / s:>15.1f}{1e3 * s:>15.2f}"
+                      f"{flops / s / 1e9:>16.1f}{flops / s / gemm_rate[n]:>15.3f}"
+                      f"{s / packed_s:>16.2f}")
+                rows[f"{name}_{n}seed"] = round(1 / s, 2)
+            if method != "packed":
+                speedup = None if s is None else round(s / packed_s, 3)
+                summary[f"speedup_vs_{name}{suffix}"] = speedup
+        summary[f"gemm_fraction{suffix}"] = round(flops / packed_s / gemm_rate[n], 4)
+        summary[f"gemm_gflops_encoder_shape{suffix}"] = round(gemm_rate[n] / 1e9, 2)
+        summary[f"useful_gflop_per_sweep_step{suffix}"] = round(flops / 1e9, 5)
+    print("\ngemm fraction = useful FLOP/s ÷ XLA's CPU GEMM FLOP/s at the encoder's shape:")
+    for n in counts:
+        print(f"  {n} seed(s): [{batch}, {dim}] @ [{dim}, {sum(args.widths) * n}] at "
+              f"{gemm_rate[n] / 1e9:.1f} GFLOP/s; useful work "
+              f"{useful_flops(sweeps[n], mixture) / 1e9:.4f} GFLOP per sweep-step")
+    square_rate = statistics.median(square_rates)
+    print(f"  reference: square GEMM 1024^3 at {square_rate / 1e9:.1f} GFLOP/s")
     print(load_average())
-    result["wall_s"] = round(time.perf_counter() - wall_start, 1)
-    print(json.dumps(result))
+    summary.update({
+        "gemm_gflops_square_1024": round(square_rate / 1e9, 2),
+        "gemm_fraction_denominator": "XLA CPU GEMM [B, D] @ [D, sum of the sweep's widths]",
+        "sweep_steps_per_s": rows, "seeds": counts[-1], "widths": list(args.widths),
+        "torch": torch.__version__ if torch else None,
+        "torch_threads": args.torch_threads if torch else None,
+        "load_average_end": [round(v, 2) for v in os.getloadavg()],
+        "wall_s": round(time.perf_counter() - wall_start, 1)})
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -23,17 +23,19 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from rareret import sharding, store
+from rareret.checkpoint import Checkpoints
+from rareret.preemption import PreemptionGuard
 from rareret.errors import ConfigError, is_int, is_number, require
 from rareret.lm import corpus, data, inject, ladder
 from rareret.lm import model as lm_model
@@ -97,6 +99,8 @@ class LmTrain:
         for name in ("warmup_steps", "seed", "eos_id"):
             value = getattr(self, name)
             require(is_int(value) and value >= 0, f"LmTrain.{name}={value!r} must be an integer ≥ 0")
+        require(self.warmup_steps < self.num_steps, f"LmTrain.warmup_steps={self.warmup_steps} "
+                f"must be < num_steps={self.num_steps} (warm-up, then cosine decay to the end)")
         require(is_number(self.learning_rate) and 0 < self.learning_rate < math.inf,
                 f"LmTrain.learning_rate={self.learning_rate!r} must be a finite number > 0")
         for name in ("min_lr_ratio", "weight_decay"):
@@ -111,6 +115,16 @@ class LmTrain:
         require(len(set(names)) == len(names), f"LmTrain.tasks: duplicate task names {names}")
         ladder.config_for(self.model, variant=self.variant, compute_dtype=self.compute_dtype,
                           remat=self.remat)  # Validates the model fields.
+
+
+def check_inputs(spec: LmTrain) -> None:
+    """Cheap checks of what `run_lm` will read, so bad paths or meshes fail before any work."""
+    spec.mesh.resolve(jax.device_count())
+    if spec.data != "default":
+        require(os.path.exists(spec.data), f"LmTrain.data={spec.data}: no such file or directory")
+    if spec.tokenizer:
+        require(os.path.isfile(spec.tokenizer),
+                f"LmTrain.tokenizer={spec.tokenizer}: no such file")
 
 
 def padded_vocab(size: int) -> int:
@@ -255,34 +269,6 @@ def eval_sets(tasks: list[inject.Task], eos_id: int, count: int):
     return out
 
 
-class Checkpoints:
-    """orbax checkpoints of (train state, grain iterator state, unrecorded losses)."""
-
-    def __init__(self, directory: str):
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                                 enable_async_checkpointing=False))
-
-    def latest(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, step: int, state, iterator, pending_losses: list[float]) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
-            meta=ocp.args.JsonSave({"pending_losses": pending_losses})), force=True)
-        self.manager.wait_until_finished()
-
-    def restore(self, step: int, abstract_state, iterator):
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(iterator), meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["meta"]["pending_losses"]
-
-    def close(self):
-        self.manager.close()
-
-
 def write_spec(workdir: str, spec: LmTrain) -> None:
     with open(os.path.join(workdir, "spec.json"), "w") as f:
         json.dump(spec_dict(spec), f, indent=2)
@@ -293,8 +279,8 @@ def spec_dict(spec: LmTrain) -> dict:
                                                             default=list))}
 
 
-def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> None:
-    """Trains (or resumes) the LM run in `workdir`."""
+def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> bool:
+    """Trains (or resumes) the LM run in `workdir`; False if stopped early by SIGTERM/SIGINT."""
     mesh = sharding.make_mesh(spec.mesh)
     writer_process = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -318,7 +304,8 @@ def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> None:
         if writer_process:
             write_spec(workdir, spec)
     else:
-        state, pending = checkpoints.restore(start, program.abstract_state(), iterator)
+        state, extra = checkpoints.restore(start, program.abstract_state(), iterator)
+        pending = extra["pending_losses"]
         writer = store.MetricWriter.open(metrics_dir) if writer_process else None
         if writer:  # Records past the checkpoint are rolled back and recomputed.
             steps = store.open_metrics(metrics_dir).read("step")
@@ -342,23 +329,45 @@ def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> None:
         record(0)
     started = time.perf_counter()
     losses = []
-    for step in range(start, spec.num_steps):
-        local, _ = injector.inject(next(iterator), step)
-        state, loss = program.step(state, local)
-        losses.append(loss)
-        done = step + 1
-        if done % spec.record_every == 0 or done == spec.num_steps:
-            pending.extend(float(x) for x in jax.device_get(losses))
-            losses = []
-            record(done)
-        if done % spec.checkpoint_every == 0 or done == spec.num_steps:
-            pending.extend(float(x) for x in jax.device_get(losses))
-            losses = []
-            require(all(math.isfinite(x) for x in pending),
-                    f"LM training diverged by step {done}: non-finite loss; the last good "
-                    f"checkpoint is step {checkpoints.latest()}")
-            checkpoints.save(done, state, iterator, pending)
-        if progress and (done % spec.record_every == 0 or done == spec.num_steps):
-            rate = (done - start) * tokens_per_step / (time.perf_counter() - started)
-            progress.update(done, f"{rate:,.0f} tokens/s")
+
+    def save(done: int) -> None:
+        pending.extend(float(x) for x in jax.device_get(losses))
+        losses.clear()
+        require(all(math.isfinite(x) for x in pending),
+                f"LM training diverged by step {done}: non-finite loss; the last good checkpoint "
+                f"is step {checkpoints.latest()}")
+        checkpoints.save(done, state, iterator, {"pending_losses": pending})
+
+    with PreemptionGuard() as guard:
+        for step in range(start, spec.num_steps):
+            local, _ = injector.inject(next(iterator), step)
+            state, loss = program.step(state, local)
+            losses.append(loss)
+            done = step + 1
+            if done % spec.record_every == 0 or done == spec.num_steps:
+                pending.extend(float(x) for x in jax.device_get(losses))
+                losses.clear()
+                record(done)
+            if done % spec.checkpoint_every == 0 or done == spec.num_steps:
+                save(done)
+            elif preempted(guard, done, spec.record_every):
+                save(done)
+                print(f"preempted: saved step {done}; re-run the same command to resume",
+                      file=sys.stderr)
+                checkpoints.close()
+                return False
+            if progress and (done % spec.record_every == 0 or done == spec.num_steps):
+                rate = (done - start) * tokens_per_step / (time.perf_counter() - started)
+                progress.update(done, f"{rate:,.0f} tokens/s")
     checkpoints.close()
+    return True
+
+
+def preempted(guard: PreemptionGuard, step: int, every: int) -> bool:
+    """Whether to stop now; processes agree (checked every `every` steps on multi-host runs)."""
+    if jax.process_count() == 1:
+        return guard.requested
+    if step % every:
+        return False
+    flags = multihost_utils.process_allgather(np.array(guard.requested))
+    return bool(np.any(flags))

@@ -13,18 +13,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 
 from rareret import store
+from rareret.checkpoint import Checkpoints
+from rareret.preemption import PreemptionGuard
 from rareret.analysis import retention
 from rareret.progress import Progress
 from rareret.synthetic import sweep as sweep_lib
 from rareret.synthetic import tasks, theory
-
-INTERFERENCE = ("interference", "interference_gram", "grad_norm", "rare_frequent_cosine")
 
 
 def record_specs(program: sweep_lib.SweepProgram) -> dict[str, store.RecordSpec]:
@@ -43,6 +44,10 @@ def record_specs(program: sweep_lib.SweepProgram) -> dict[str, store.RecordSpec]
         "delta_f": store.RecordSpec(
             (M,), np.float32, ("model",),
             {"description": "residual common-task signal sum_{k in F} pi_k (1 - s_k) Tr(C_k)"}),
+        "diverged": store.RecordSpec(
+            (M,), bool, ("model",),
+            {"description": "the model's loss or parameters became non-finite; it is frozen at "
+                            "its last finite state"}),
     }
     if program.sweep.interference_every:
         mode = {"mode": program.sweep.interference_mode, "every": program.sweep.interference_every,
@@ -81,51 +86,76 @@ def coordinate_arrays(program: sweep_lib.SweepProgram) -> dict[str, store.Coord]
     }
 
 
-def write_spec(workdir: str, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep,
-               injection: tasks.Injection | None) -> None:
-    """Saves the specs as JSON so analysis can rebuild them without gin."""
+def spec_dict(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep,
+              injection: tasks.Injection | None) -> dict:
+    """The run's specs as plain JSON values (what `spec.json` holds)."""
     spec = {"experiment": "synthetic", "mixture": dataclasses.asdict(mixture),
             "sweep": dataclasses.asdict(sweep),
             "injection": dataclasses.asdict(injection) if injection else None}
-    with open(os.path.join(workdir, "spec.json"), "w") as f:
-        json.dump(spec, f, indent=2, default=list)
+    return json.loads(json.dumps(spec, default=list))
 
 
 def run_sweep(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, workdir: str,
-              injection: tasks.Injection | None = None, show_progress: bool = True) -> None:
-    """Trains every model of `sweep` and streams metrics into `<workdir>/metrics/`."""
+              injection: tasks.Injection | None = None, show_progress: bool = True) -> bool:
+    """Trains every model of `sweep`, streaming metrics into `<workdir>/metrics/`.
+
+    Resumes from the latest checkpoint in `<workdir>/checkpoints/` if there is one (records
+    after it are rolled back and recomputed). On SIGTERM/SIGINT it commits the records, saves a
+    checkpoint at the current record and returns False; it returns True once the run is done.
+    """
     program = sweep_lib.SweepProgram(mixture, sweep, injection)
     os.makedirs(workdir, exist_ok=True)
-    write_spec(workdir, mixture, sweep, injection)
-    writer = store.MetricWriter.create(os.path.join(workdir, "metrics"), record_specs(program),
-                                       coordinate_arrays(program), overwrite=True)
-    params, opt_state = program.init()
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+    metrics_dir = os.path.join(workdir, "metrics")
     steps = sweep.record_steps(injection)
+    latest = checkpoints.latest()
+    if latest is None:
+        with open(os.path.join(workdir, "spec.json"), "w") as f:
+            json.dump(spec_dict(mixture, sweep, injection), f, indent=2)
+        writer = store.MetricWriter.create(metrics_dir, record_specs(program),
+                                           coordinate_arrays(program), overwrite=True)
+        state, first = program.init(), 0
+        pending = program.record(state, 0, np.full(program.layout.num_models, np.nan, np.float32))
+    else:
+        state, _ = checkpoints.restore(latest, program.abstract_state())
+        writer = store.MetricWriter.open(metrics_dir)
+        first = steps.index(latest)
+        writer.truncate(first + 1)  # The record at the checkpoint is committed; later ones go.
+        pending = None
     progress = Progress(sweep.num_steps) if show_progress else None
     buffer = RecordBuffer(writer)
-    train_loss_M = np.full(program.layout.num_models, np.nan, np.float32)
-    nan_interference = {name: np.full(spec.row_shape, np.nan, np.float32)
-                        for name, spec in record_specs(program).items() if name in INTERFERENCE}
-    pending = None
-    for index, step in enumerate(steps):
-        if index > 0:  # Dispatched asynchronously: the host writes the last record meanwhile.
-            params, opt_state, train_loss_M = program.train_chunk(
-                params, opt_state, step - steps[index - 1], steps[index - 1])
-        row = {"step": np.int64(step), "train_loss": train_loss_M, **program.evaluate(params)}
-        if sweep.interference_every:
-            row.update(program.interference(params, step) if step % sweep.interference_every == 0
-                       else nan_interference)
-        if pending is not None:
-            buffer.add(jax.device_get(pending))
-        pending = row
-        if progress and index > 0:
-            progress.update(steps[index - 1], buffer.summary)
-    buffer.add(jax.device_get(pending))
+    last_saved = steps[first]
+    with PreemptionGuard() as guard:
+        for index in range(first + 1, len(steps)):
+            previous, step = steps[index - 1], steps[index]
+            # Dispatched asynchronously: the host writes the previous record meanwhile.
+            state, train_loss_M = program.train_chunk(state, step - previous, previous)
+            row = program.record(state, step, train_loss_M)
+            if pending is not None:
+                buffer.add(jax.device_get(pending))
+            pending = row
+            done = index == len(steps) - 1
+            if done or guard.requested or step // sweep.checkpoint_every > last_saved // \
+                    sweep.checkpoint_every:
+                buffer.add(jax.device_get(pending))
+                pending = None
+                buffer.flush()
+                checkpoints.save(step, state)
+                last_saved = step
+                if guard.requested and not done:
+                    print(f"preempted: saved step {step}; re-run the same command to resume",
+                          file=sys.stderr)
+                    checkpoints.close()
+                    return False
+            if progress:
+                progress.update(step, buffer.summary)
+    if pending is not None:  # Only when there was nothing left to train.
+        buffer.add(jax.device_get(pending))
     buffer.flush()
-    if progress:
-        progress.update(steps[-1], buffer.summary)
+    checkpoints.close()
     if injection:
         write_retention(writer, program)
+    return True
 
 
 class RecordBuffer:

@@ -47,6 +47,8 @@ class Sweep:
       interference_every: steps between task × task gradient-interference records (0 = never).
       interference_mode: "population" (exact gradients under x ~ N(0, I)) or "sampled" (the
         gradients of that step's batch).
+      checkpoint_every: steps between checkpoints (taken at the first record at or after each
+        multiple, and at the end); a re-run resumes from the latest.
     """
 
     widths: Sequence[int] = (2, 4, 8, 16, 32, 64, 128, 256)
@@ -61,6 +63,7 @@ class Sweep:
     tile_size: int = 32
     interference_every: int = 0
     interference_mode: str = "population"
+    checkpoint_every: int = 5000
 
     def __post_init__(self):
         _require_int_list("Sweep.widths", self.widths, minimum=1)
@@ -69,7 +72,7 @@ class Sweep:
         for rate in self.learning_rates:
             require(is_number(rate) and 0 < rate < math.inf,
                     f"Sweep.learning_rate={rate!r} must be a finite number > 0")
-        for name in ("batch_size", "num_steps", "record_every", "tile_size"):
+        for name in ("batch_size", "num_steps", "record_every", "tile_size", "checkpoint_every"):
             value = getattr(self, name)
             require(is_int(value) and value >= 1, f"Sweep.{name}={value!r} must be an integer ≥ 1")
         require(self.interference_mode in INTERFERENCE_MODES,
@@ -147,7 +150,7 @@ class SweepProgram:
         self.frequent_weights_K = jnp.asarray(priors_K * trace_K * self.frequent_K, jnp.float32)
         self.learning_rate_M = jnp.asarray(self.coords["learning_rate"])
         self._streams = self._stream_tables(gaps)
-        self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0, 1))
+        self.train_chunk = jax.jit(self._train_chunk, donate_argnums=0)
         self.evaluate = jax.jit(self._evaluate)
         self.interference = jax.jit(self._interference)
 
@@ -168,12 +171,17 @@ class SweepProgram:
         return {"log_priors_SxK": jnp.asarray(np.repeat(others_K[None], len(gaps), 0), jnp.float32),
                 "gap_S": jnp.asarray(gaps, jnp.int32), "counts_SxC": jnp.asarray(counts)}
 
-    def init(self):
-        """Params and optimiser state of every model, each from key (seed, width)."""
+    def init(self) -> dict:
+        """The state of every model: params, optimiser state (each from key (seed, width)) and
+        the `diverged` flags [M]."""
         keys_M = jnp.stack([jax.random.fold_in(jax.random.key(int(s)), int(w))
                             for w, s in zip(self.coords["width"], self.coords["seed"])])
         params = jax.jit(functools.partial(model.init_params, self.layout))(keys_M)
-        return params, jax.jit(self._init_opt)(params)
+        return {"params": params, "opt_state": jax.jit(self._init_opt)(params),
+                "diverged": jnp.zeros(self.layout.num_models, bool)}
+
+    def abstract_state(self) -> dict:
+        return jax.eval_shape(self.init)
 
     def _optimizer(self, learning_rate):
         return optim.paper_adamw(learning_rate, self.sweep.warmup_steps, self.sweep.weight_decay)
@@ -213,14 +221,16 @@ class SweepProgram:
         return x_BxD, y_SxBxT, task_SxB
 
     def _train_step(self, step, carry):
-        params, opt_state, loss_sum_M = carry
+        state, loss_sum_M = carry
+        params, opt_state = state["params"], state["opt_state"]
         x_BxD, y_SxBxT, task_SxB = self.batch(step)
         tiles = jax.vmap(lambda task_B: model.task_tiles(
             task_B, self.mixture.num_tasks, self.sweep.tile_size))(task_SxB)
 
         def total_loss(p):
             losses_M = model.losses(p, x_BxD, y_SxBxT, tiles)
-            return jnp.sum(losses_M), losses_M  # Models are independent: d(sum)/dθ_m = dℓ_m/dθ_m.
+            # Models are independent: d(sum)/dθ_m = dℓ_m/dθ_m. Diverged models add nothing.
+            return jnp.sum(jnp.where(state["diverged"], 0.0, losses_M)), losses_M
 
         (_, losses_M), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
 
@@ -229,14 +239,49 @@ class SweepProgram:
             return optax.apply_updates(p, updates), s
 
         updated = self._per_group(update, grads, opt_state, params)
-        return (tuple(u[0] for u in updated), tuple(u[1] for u in updated), loss_sum_M + losses_M)
+        finite_M = jnp.isfinite(losses_M) & jnp.concatenate(
+            [all_finite_per_copy(new_p) for new_p, _ in updated])
+        diverged_M = state["diverged"] | ~finite_M
+        frozen_GxC = diverged_M.reshape(self.layout.num_groups, self.layout.copies)
 
-    def _train_chunk(self, params, opt_state, num_steps, first_step):
-        """`num_steps` steps from `first_step`; returns the new state and the mean loss [M]."""
+        def keep(frozen_C, new, old):  # Per model: the update, or the last finite state.
+            return jax.tree.map(lambda n, o: jnp.where(
+                frozen_C.reshape((-1,) + (1,) * (n.ndim - 1)), o, n), new, old)
+
+        state = {"params": tuple(keep(f, u[0], p) for f, u, p in zip(frozen_GxC, updated, params)),
+                 "opt_state": tuple(keep(f, u[1], s)
+                                    for f, u, s in zip(frozen_GxC, updated, opt_state)),
+                 "diverged": diverged_M}
+        return state, loss_sum_M + losses_M
+
+    def _train_chunk(self, state, num_steps, first_step):
+        """`num_steps` steps from `first_step`; returns the new state and the mean loss [M].
+
+        A model whose loss or parameters become non-finite is frozen at its last finite state
+        and flagged in `state["diverged"]`; the others are unaffected.
+        """
         zero_M = jnp.zeros(self.layout.num_models, jnp.float32)
-        params, opt_state, loss_sum_M = jax.lax.fori_loop(
-            first_step, first_step + num_steps, self._train_step, (params, opt_state, zero_M))
-        return params, opt_state, loss_sum_M / num_steps
+        state, loss_sum_M = jax.lax.fori_loop(first_step, first_step + num_steps,
+                                              self._train_step, (state, zero_M))
+        return state, loss_sum_M / num_steps
+
+    def record(self, state: dict, step: int, train_loss_M) -> dict:
+        """One metric record of `state` (device arrays; nothing aliases the donated state)."""
+        row = {"step": np.int64(step), "train_loss": train_loss_M,
+               "diverged": jnp.copy(state["diverged"]), **self.evaluate(state["params"])}
+        if self.sweep.interference_every:
+            row.update(self.interference(state["params"], step)
+                       if step % self.sweep.interference_every == 0 else self._no_interference)
+        return row
+
+    @functools.cached_property
+    def _no_interference(self) -> dict:
+        """NaN interference rows, for records between interference steps."""
+        M, K = self.layout.num_models, self.mixture.num_tasks
+        return {"interference": np.full((M, K, K), np.nan, np.float32),
+                "interference_gram": np.full((M, K, K), np.nan, np.float32),
+                "grad_norm": np.full((M, K), np.nan, np.float32),
+                "rare_frequent_cosine": np.full((M,), np.nan, np.float32)}
 
     def _evaluate(self, params):
         task_loss_MxK = model.population_task_loss(params, self.sqrt_spectra_KxT)
@@ -273,3 +318,9 @@ class SweepProgram:
             gram_MxKxK, rare_K, frequent_K)
         return {"interference": cosine_MxKxK, "interference_gram": gram_MxKxK,
                 "grad_norm": norm_MxK, "rare_frequent_cosine": rare_frequent_M}
+
+
+def all_finite_per_copy(group: dict) -> jax.Array:
+    """[C]: whether every parameter of each model in a group is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
+                              for leaf in jax.tree.leaves(group)]), axis=0)

@@ -1,0 +1,170 @@
+"""Multi-process LM training through the real CLI: two CPU processes (one device each, gloo
+collectives over 127.0.0.1, `--distributed`) record the same metrics as one process with two
+devices, and resume cooperatively from the orbax checkpoints they wrote together.
+
+Both runs use the mesh fsdp=2, so the parameters and optimiser state are sharded across the two
+processes (all-gathers and reduce-scatters go through gloo) and each process writes its own shards
+of the checkpoint; the batch is split by rows (process p feeds rows [p·b, (p+1)·b) of each global
+batch). The corpus is one small Dolma shard and a tokenizer.json written here once, so every
+process reads identical files and none of them writes to the data.
+"""
+
+import itertools
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rareret import store
+from rareret.lm import data
+from rareret.lm.corpus import write_default_corpus
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_GIN = REPO / "gin_configs/lm/tiny.gin"
+TIMEOUT_S = 150  # Per launch; a healthy one takes ~15 s on two loaded cores.
+METRICS = ("step", "lm_loss", "task_loss", "task_accuracy")
+NUM_STEPS, RECORD_EVERY, CHECKPOINT_EVERY = 12, 4, 6
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(Dolma shard, tokenizer.json): 60 stdlib-docstring documents, ~140k tokens at vocab 512."""
+    root = tmp_path_factory.mktemp("lm_corpus")
+    full = write_default_corpus(root / "stdlib.json.gz")
+    docs = list(itertools.islice(data.read_documents(full), 60))
+    shard = data.write_shard(root / "shard.json.gz", docs)
+    tokenizer = root / "tokenizer.json"
+    data.train_tokenizer((d.text for d in docs), 512, tokenizer)
+    return shard, tokenizer
+
+
+def _bindings(corpus) -> list[str]:
+    shard, tokenizer = corpus
+    return [f"LmTrain.data = '{shard}'", f"LmTrain.tokenizer = '{tokenizer}'",
+            "LmTrain.seq_len = 32", "LmTrain.global_batch = 8",
+            f"LmTrain.num_steps = {NUM_STEPS}", f"LmTrain.record_every = {RECORD_EVERY}",
+            f"LmTrain.checkpoint_every = {CHECKPOINT_EVERY}", "LmTrain.warmup_steps = 2",
+            "LmTrain.eval_instances = 64", "MeshSpec.fsdp = 2"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, bindings, log, devices=1, process_id=None, port=None):
+    """A `python -m rareret.main` subprocess on CPU with `devices` local devices."""
+    argv = [sys.executable, "-m", "rareret.main", f"--gin_file={TINY_GIN}",
+            *[f"--gin_bindings={b}" for b in bindings], f"--workdir={workdir}", "--noreport"]
+    if process_id is not None:
+        argv += ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={process_id}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["JAX_PLATFORMS"] = "cpu"
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out = open(log, "w")
+    try:
+        # Own process group, so a straggler's children go with it.
+        return subprocess.Popen(argv, cwd=workdir.parent, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        out.close()
+
+
+def _wait_all(procs_logs, timeout=TIMEOUT_S):
+    """Waits for every process; on a failure or the deadline kills the rest, then asserts rc 0."""
+    deadline = time.monotonic() + timeout
+    try:
+        pending = list(procs_logs)
+        while pending:
+            for proc, log in list(pending):
+                if proc.poll() is not None:
+                    pending.remove((proc, log))
+                    if proc.returncode != 0:  # The peers would hang in a collective; stop them.
+                        return _fail(procs_logs, f"{log.name} exited {proc.returncode}")
+            if time.monotonic() > deadline:
+                return _fail(procs_logs, f"timed out after {timeout} s")
+            time.sleep(0.1)
+    finally:
+        _kill(p for p, _ in procs_logs)
+
+
+def _kill(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def _fail(procs_logs, why):
+    _kill(p for p, _ in procs_logs)
+    logs = "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}" for _, log in procs_logs)
+    pytest.fail(f"{why}\n{logs}")
+
+
+def _two_process_run(workdir, bindings):
+    port = _free_port()
+    procs_logs = []
+    try:
+        for pid in (0, 1):
+            log = workdir.parent / f"{workdir.name}.process{pid}.log"
+            procs_logs.append((_launch(workdir, bindings, log, process_id=pid, port=port), log))
+    except BaseException:
+        _kill(p for p, _ in procs_logs)
+        raise
+    return procs_logs
+
+
+def _metrics(workdir) -> dict[str, np.ndarray]:
+    reader = store.open_metrics(workdir / "metrics")
+    return {name: reader.read(name) for name in METRICS}
+
+
+def _assert_same(got, want):
+    for name in METRICS:
+        assert got[name].shape == want[name].shape, name
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=0, equal_nan=True,
+                                   err_msg=name)
+
+
+def test_two_processes_match_one_process_with_two_devices_and_resume(corpus, tmp_path):
+    bindings = _bindings(corpus)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single_log = tmp_path / "single.log"
+    # All three processes at once: the single-device run shares nothing with the pair.
+    runs = _two_process_run(multi, bindings)
+    runs.append((_launch(single, bindings, single_log, devices=2), single_log))
+    _wait_all(runs)
+
+    want, got = _metrics(single), _metrics(multi)
+    steps = list(range(0, NUM_STEPS + 1, RECORD_EVERY))
+    assert want["step"].tolist() == steps  # Process 0 alone wrote each record once.
+    assert np.isnan(want["lm_loss"][0]) and np.all(np.isfinite(want["lm_loss"][1:]))
+    assert want["task_loss"].shape == want["task_accuracy"].shape == (len(steps), 2)
+    _assert_same(got, want)
+
+    # Every process wrote its own grain iterator state and array shards into one checkpoint.
+    last = multi / "checkpoints" / str(NUM_STEPS)
+    assert sorted(p.name for p in (last / "data").glob("process_*")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    assert {p.name for p in (last / "state").glob("ocdbt.process_*")} == {
+        "ocdbt.process_0", "ocdbt.process_1"}
+
+    # Resume: without the last checkpoint both processes restore step 6 (sharded state, each
+    # its own iterator state), the records after it are rolled back, recomputed, and equal.
+    shutil.rmtree(last)
+    _wait_all(_two_process_run(multi, bindings))
+    _assert_same(_metrics(multi), want)
+    assert (multi / "checkpoints" / str(NUM_STEPS) / "data" / "process_1-of-2.json").is_file()

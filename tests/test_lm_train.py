@@ -1,0 +1,519 @@
+"""The LM training loop (rareret/lm/train.py) end to end, on tiny settings (model 'tiny', L = 32,
+B = 8, a few steps, 64 eval instances):
+
+  * resume ≡ uninterrupted: runs stopped right after a checkpoint, or between a record and the
+    next checkpoint, then resumed, end with bit-identical metric arrays and final train state;
+  * sharded ≡ unsharded: `LmProgram` on 1 device and on 8 (fake CPU) devices under four meshes
+    gives the same losses and task metrics, with the parameters really sharded;
+  * golden numbers for the first steps of a fixed run;
+  * the `rareret` CLI: run, resume, refusal of another config, one-line errors for bad data.
+
+Data: a small Dolma shard written here by a pure-Python generator (independent of the Python and
+numpy versions, unlike the stdlib-docstring corpus) and `tests/data/lm_tokenizer.json`, a
+byte-level BPE of 512 that `data.train_tokenizer` trained on that shard, kept as a file so that
+changes in tokenizer training never move the golden numbers.
+
+`python tests/test_lm_train.py --sharded` (with XLA_FLAGS=--xla_force_host_platform_device_count=8)
+prints the sharded ≡ unsharded table; `test_sharded_matches_unsharded` runs it so.
+"""
+
+import gzip
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rareret import sharding, store
+from rareret.errors import ConfigError
+from rareret.lm import data, inject, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_GIN = REPO / "gin_configs" / "lm" / "tiny.gin"
+TOKENIZER = pathlib.Path(__file__).resolve().parent / "data" / "lm_tokenizer.json"
+TASKS = (inject.TaskSpec(kind="cmp", name="cmp", frequency_per_token=2e-3, seed=1),
+         inject.TaskSpec(kind="add", name="add", every_n=2, seed=2))
+RECORD_ARRAYS = ("step", "lm_loss", "task_loss", "task_accuracy")
+SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "an", "el", "is", "om", "ur",
+             "bra", "che", "dri", "fla", "gro", "pse", "qua", "sti", "tho", "wen")
+
+
+def golden_documents(count: int = 160) -> list[data.Document]:
+    """~30 kB of pseudo-words and numbers from a fixed LCG: the same text on every install."""
+    x = 20240601
+
+    def draw(n):
+        nonlocal x
+        x = (1103515245 * x + 12345) % 2**31
+        return x % n
+
+    lexicon = ["".join(SYLLABLES[draw(len(SYLLABLES))] for _ in range(1 + draw(3)))
+               for _ in range(300)]
+    documents = []
+    for i in range(count):
+        sentences = []
+        for _ in range(2 + draw(5)):
+            words = [lexicon[min(draw(300), draw(300))] for _ in range(4 + draw(9))]
+            if draw(4) == 0:
+                words.insert(draw(len(words)), str(draw(1000)))
+            sentences.append(" ".join(words).capitalize() + ".")
+        documents.append(data.Document(f"doc{i}", " ".join(sentences), "golden"))
+    return documents
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    return data.write_shard(tmp_path_factory.mktemp("corpus") / "golden.jsonl.gz",
+                            golden_documents())
+
+
+def tiny_spec(shard_path, **overrides) -> train.LmTrain:
+    fields = dict(model="tiny", data=str(shard_path), tokenizer=str(TOKENIZER), seq_len=32,
+                  global_batch=8, learning_rate=3e-3, warmup_steps=2, eval_instances=64,
+                  tasks=TASKS, seed=0)
+    return train.LmTrain(**{**fields, **overrides})
+
+
+def read_metrics(workdir) -> dict[str, np.ndarray]:
+    reader = store.open_metrics(pathlib.Path(workdir) / "metrics")
+    return {name: reader.read(name) for name in RECORD_ARRAYS}
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    """Committed orbax checkpoints (orbax's temporary directories have non-numeric names)."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def restore_state(spec: train.LmTrain, workdir, step: int):
+    """The train state of checkpoint `step` as numpy arrays, restored with orbax directly."""
+    vocab = data.load_tokenizer(spec.tokenizer).get_vocab_size()
+    program = train.LmProgram(spec, vocab, sharding.make_mesh(spec.mesh))
+    path = pathlib.Path(workdir).resolve() / "checkpoints" / str(step) / "state"
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(path, program.abstract_state())
+    return jax.tree.map(np.asarray, state)
+
+
+def assert_bit_identical(got: dict, want: dict, what: str) -> None:
+    assert sorted(got) == sorted(want), what
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=f"{what}: {name}")
+        assert got[name].dtype == want[name].dtype and \
+            got[name].tobytes() == want[name].tobytes(), f"{what}: {name} differs in its bits"
+
+
+def test_warmup_must_end_before_the_last_step():
+    """warmup_steps ≥ num_steps used to crash inside optax (negative cosine decay_steps)."""
+    with pytest.raises(ConfigError, match=r"warmup_steps=30 must be < num_steps=4"):
+        train.LmTrain(num_steps=4, warmup_steps=30)
+    train.optimizer(train.LmTrain(num_steps=1, warmup_steps=0))  # The smallest run is fine.
+    train.optimizer(train.LmTrain(num_steps=4, warmup_steps=3))
+
+
+# ----------------------------------------------------------------------------- resume ≡ straight
+
+RESUME = dict(num_steps=12, record_every=3, checkpoint_every=4)  # records 0 3 6 9 12; ckpts 4 8 12
+
+
+class Stop(Exception):
+    """Raised by the patched loop to simulate a crash."""
+
+
+@pytest.fixture(scope="module")
+def straight(shard, tmp_path_factory):
+    """An uninterrupted run of the RESUME spec: (spec, workdir, metrics, final state)."""
+    spec = tiny_spec(shard, **RESUME)
+    workdir = tmp_path_factory.mktemp("straight")
+    train.run_lm(spec, str(workdir), show_progress=False)
+    return spec, workdir, read_metrics(workdir), restore_state(spec, workdir, 12)
+
+
+def run_with_stops(spec, workdir, stops, monkeypatch) -> list[tuple[list[int], list[int]]]:
+    """Runs `spec`, raising Stop right after each (kind, step) of `stops` in turn ("record": the
+    record of that step is committed; "checkpoint": its checkpoint is saved), calling `run_lm`
+    again after each stop. Returns (committed steps, checkpoints) as each stop left them."""
+    remaining = list(stops)
+    real_save, real_append = train.Checkpoints.save, store.MetricWriter.append
+
+    def stop_after(kind, step):
+        if remaining and remaining[0] == (kind, step):
+            remaining.pop(0)
+            raise Stop(f"{kind} {step}")
+
+    def save(self, step, *args, **kwargs):
+        real_save(self, step, *args, **kwargs)
+        stop_after("checkpoint", int(step))
+
+    def append(self, rows):
+        real_append(self, rows)
+        stop_after("record", int(np.asarray(rows["step"]).reshape(-1)[-1]))
+
+    monkeypatch.setattr(train.Checkpoints, "save", save)
+    monkeypatch.setattr(store.MetricWriter, "append", append)
+    seen = []
+    for _ in range(len(stops) + 1):
+        try:
+            train.run_lm(spec, str(workdir), show_progress=False)
+            break
+        except Stop:
+            seen.append((read_metrics(workdir)["step"].tolist(), checkpoint_steps(workdir)))
+    assert not remaining, f"stops {remaining} never happened"
+    return seen
+
+
+@pytest.mark.parametrize("stops, expected_seen", [
+    # Before any checkpoint (a fresh restart), then right after the checkpoint at step 8 (whose
+    # unrecorded losses of steps 7 and 8 must be restored for the record at step 9).
+    ([("record", 3), ("checkpoint", 8)],
+     [([0, 3], []), ([0, 3, 6], [4, 8])]),
+    # Between the record at 9 and the checkpoint at 12: record 9 must be rolled back and
+    # recomputed from checkpoint 8, not duplicated. Then after the final checkpoint (a re-run of
+    # a finished run must change nothing).
+    ([("record", 9), ("checkpoint", 12)],
+     [([0, 3, 6, 9], [4, 8]), ([0, 3, 6, 9, 12], [8, 12])]),
+], ids=["after-checkpoint", "between-record-and-checkpoint"])
+def test_resume_matches_uninterrupted(straight, tmp_path, monkeypatch, stops, expected_seen):
+    spec, _, want_metrics, want_state = straight
+    assert want_metrics["step"].tolist() == [0, 3, 6, 9, 12]
+    seen = run_with_stops(spec, tmp_path, stops, monkeypatch)
+    assert seen == expected_seen  # The stops left the workdir where each case means them to.
+    got_metrics = read_metrics(tmp_path)
+    assert store.open_metrics(tmp_path / "metrics").committed_records == 5
+    assert_bit_identical(got_metrics, want_metrics, "metrics of the resumed run")
+    assert checkpoint_steps(tmp_path) == [8, 12]
+    got_state = restore_state(spec, tmp_path, 12)
+    assert int(got_state["step"]) == 12
+    flat_got = jax.tree_util.tree_leaves_with_path(got_state)
+    flat_want = jax.tree_util.tree_leaves_with_path(want_state)
+    assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
+    for (path, got), (_, want) in zip(flat_got, flat_want):
+        assert got.tobytes() == want.tobytes(), f"final state {jax.tree_util.keystr(path)} differs"
+
+
+# ----------------------------------------------------------------------------- sharded ≡ unsharded
+
+MESHES = {  # name: (data, fsdp, tensor); "1" runs on one device, the others on 8.
+    "1": (1, 1, 1),
+    "data=8": (8, 1, 1),
+    "data=2,fsdp=2,tensor=2": (2, 2, 2),
+    "fsdp=4,tensor=2": (1, 4, 2),
+    "fsdp=8": (1, 8, 1),
+}
+SHARDED_VOCAB = 300  # Padded to 384, which tensor=2 divides.
+
+
+def sharded_table() -> dict:
+    """Three train steps and the task metrics under each mesh of MESHES (needs 8 devices)."""
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    spec = train.LmTrain(model="tiny", seq_len=32, global_batch=8, num_steps=3,
+                         learning_rate=1e-2, warmup_steps=1, eval_instances=64, tasks=TASKS)
+    eos = 0
+    tasks = [inject.build_task(t, SHARDED_VOCAB, reserved=(eos,)) for t in TASKS]
+    injector = inject.Injector(tasks, spec.global_batch, spec.seq_len, eos)
+    rng = np.random.default_rng(0)
+    batches = [injector.inject(rng.integers(1, SHARDED_VOCAB, (8, 32), dtype=np.int32), t)[0]
+               for t in range(3)]
+    evals = train.eval_sets(tasks, eos, spec.eval_instances)
+    rows, reference = {}, None
+    for name, sizes in MESHES.items():
+        started = time.perf_counter()
+        devices = jax.devices()[:1] if name == "1" else None
+        mesh = sharding.make_mesh(sharding.MeshSpec(*sizes), devices=devices)
+        program = train.LmProgram(spec, SHARDED_VOCAB, mesh)
+        state = program.init()
+        init_digest = hashlib.sha256(b"".join(
+            np.asarray(x).tobytes() for x in jax.tree.leaves(state["params"]))).hexdigest()
+        head, embedding = state["params"]["head"], state["params"]["embedding"]
+        opt_head_specs = sorted({str(x.sharding.spec) for path, x in
+                                 jax.tree_util.tree_leaves_with_path(state["opt_state"])
+                                 if jax.tree_util.keystr(path).endswith("['head']")})
+        losses = []
+        for batch in batches:
+            state, loss = program.step(state, batch)
+            losses.append(float(loss))
+        metrics = program.evaluate(state["params"], evals)
+        params = jax.tree.map(np.asarray, state["params"])
+        reference = params if reference is None else reference
+        rows[name] = {
+            "devices": int(mesh.devices.size), "losses": losses,
+            "task_loss": metrics["task_loss"].tolist(),
+            "task_accuracy": metrics["task_accuracy"].tolist(),
+            "init_digest": init_digest,
+            "param_max_abs_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(
+                jax.tree.leaves(params), jax.tree.leaves(reference))),
+            "head": {"spec": str(head.sharding.spec), "global": list(head.shape),
+                     "shard": list(head.addressable_shards[0].data.shape)},
+            "embedding_shard": list(embedding.addressable_shards[0].data.shape),
+            "opt_head_specs": opt_head_specs,
+            "batch_shard": list(program.batch_sharding.shard_shape((8, 32))),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    header = f"{'mesh':24} {'dev':>3} {'step losses':>32} {'task_loss':>20} {'head shard':>10} " \
+             f"{'max|Δparam|':>11} {'s':>5}"
+    print(header, file=sys.stderr)
+    for name, row in rows.items():
+        print(f"{name:24} {row['devices']:>3} {' '.join(f'{x:.7f}' for x in row['losses']):>32} "
+              f"{' '.join(f'{x:.6f}' for x in row['task_loss']):>20} "
+              f"{'x'.join(map(str, row['head']['shard'])):>10} "
+              f"{row['param_max_abs_diff']:>11.2e} {row['seconds']:>5}", file=sys.stderr)
+    return rows
+
+
+def test_sharded_matches_unsharded():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, __file__, "--sharded"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(rows) == list(MESHES)
+    one = rows["1"]
+    assert one["devices"] == 1 and one["head"]["shard"] == one["head"]["global"]
+    vocab = train.padded_vocab(SHARDED_VOCAB)
+    assert one["head"]["global"] == [32, vocab]
+    for name, (data_size, fsdp, tensor) in MESHES.items():
+        row = rows[name]
+        for key in ("losses", "task_loss", "task_accuracy"):
+            np.testing.assert_allclose(row[key], one[key], rtol=1e-5, atol=0,
+                                       err_msg=f"mesh {name}: {key}")
+        assert np.all(np.isfinite(row["losses"])), name
+        # Same initial parameters wherever they are initialised, same ones after 3 steps.
+        assert row["init_digest"] == one["init_digest"], f"mesh {name}: init differs"
+        assert row["param_max_abs_diff"] < 1e-5, f"mesh {name}: {row['param_max_abs_diff']}"
+        if name == "1":
+            continue
+        assert row["devices"] == 8
+        # head [embed, vocab] → (fsdp, tensor); embedding [vocab, embed] → (tensor, fsdp).
+        assert row["head"]["spec"] == "PartitionSpec('fsdp', 'tensor')", (name, row["head"])
+        assert row["head"]["shard"] == [32 // fsdp, vocab // tensor], (name, row["head"])
+        assert row["embedding_shard"] == [vocab // tensor, 32 // fsdp], name
+        assert row["opt_head_specs"] == [row["head"]["spec"]], (name, row["opt_head_specs"])
+        assert row["batch_shard"] == [8 // (data_size * fsdp), 32], name
+    # Every mesh but pure data parallelism really splits the parameters.
+    assert [n for n, (_, f, t) in MESHES.items() if f * t > 1] == [
+        n for n in MESHES if rows[n]["head"]["shard"] != rows[n]["head"]["global"]]
+
+
+# ----------------------------------------------------------------------------- golden numbers
+
+GOLDEN = {  # From `pytest tests/test_lm_train.py -k golden -s`; see test_golden_first_steps.
+    "lm_loss_steps_1_2_3": [0.0, 0.0, 0.0],
+    "task_loss_record_0": [0.0, 0.0],
+}
+
+
+def test_golden_first_steps(shard, tmp_path):
+    """Seed 0, the generated shard and the fixture tokenizer: lm_loss of steps 1-3 (step 1 sees
+    the initial parameters; warm-up makes the first update a no-op, the second moves them) and
+    task_loss at record 0 (initial parameters) are fixed numbers."""
+    spec = tiny_spec(shard, num_steps=3, record_every=1, checkpoint_every=3, warmup_steps=1,
+                     learning_rate=1e-2)
+    with jax.default_matmul_precision("float32"):  # No TF32 on GPUs: CPU numbers hold there.
+        train.run_lm(spec, str(tmp_path), show_progress=False)
+    metrics = read_metrics(tmp_path)
+    assert metrics["step"].tolist() == [0, 1, 2, 3]
+    got = {"lm_loss_steps_1_2_3": [float(x) for x in metrics["lm_loss"][1:]],
+           "task_loss_record_0": [float(x) for x in metrics["task_loss"][0]]}
+    print(f"\nGOLDEN = {json.dumps(got, indent=4)}")
+    for key, want in GOLDEN.items():
+        np.testing.assert_allclose(
+            got[key], want, rtol=1e-4, err_msg=(
+                f"golden {key} changed. If the change is intended (model, init, optimiser, data "
+                f"order, injection or tokenizer), run `pytest tests/test_lm_train.py -k golden -s` "
+                f"and paste the printed GOLDEN dict over the one in tests/test_lm_train.py."))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+CLI_BINDINGS = ["LmTrain.seq_len = 32", "LmTrain.global_batch = 8", "LmTrain.num_steps = 4",
+                "LmTrain.warmup_steps = 2", "LmTrain.record_every = 2",
+                "LmTrain.checkpoint_every = 2", "LmTrain.eval_instances = 64"]
+
+
+def cli_argv(workdir, *extra) -> list[str]:
+    return [sys.executable, "-m", "rareret.main", f"--gin_file={TINY_GIN}",
+            *[f"--gin_bindings={b}" for b in CLI_BINDINGS], f"--workdir={workdir}",
+            *map(str, extra)]
+
+
+def cli_env() -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # One CPU device, whatever the caller set.
+    return env
+
+
+def cli(workdir, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_argv(workdir, *extra), cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def data_binding(path) -> str:
+    return f"--gin_bindings=LmTrain.data = '{path}'"
+
+
+def snapshot(root: pathlib.Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def assert_one_line_error(proc, *fragments) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("rareret: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_run(shard, tmp_path_factory):
+    """A finished CLI run (no tokenizer given: one is trained into the workdir); tests copy it."""
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    proc = cli(workdir, data_binding(shard))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return workdir
+
+
+def copy_run(run: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_cli_run_writes_spec_metrics_checkpoints(cli_run, shard):
+    spec = json.loads((cli_run / "spec.json").read_text())
+    assert spec["experiment"] == "lm"
+    assert spec["lm"]["num_steps"] == 4 and spec["lm"]["data"] == str(shard)
+    assert [t["name"] for t in spec["lm"]["tasks"]] == ["cmp", "add"]  # From tiny.gin.
+    assert "LmTrain.num_steps = 4\n" in (cli_run / "config.gin").read_text()
+    assert data.load_tokenizer(cli_run / "tokenizer.json").get_vocab_size() == 512
+    metrics = read_metrics(cli_run)
+    assert metrics["step"].tolist() == [0, 2, 4]
+    assert np.isnan(metrics["lm_loss"][0]) and np.all(np.isfinite(metrics["lm_loss"][1:]))
+    assert metrics["task_loss"].shape == (3, 2) and np.all(np.isfinite(metrics["task_loss"]))
+    assert metrics["task_accuracy"].shape == (3, 2)
+    assert checkpoint_steps(cli_run) == [2, 4]
+
+
+def test_cli_rerun_of_a_finished_run_changes_nothing(cli_run, shard, tmp_path):
+    workdir = copy_run(cli_run, tmp_path)
+    before = read_metrics(workdir)
+    proc = cli(workdir, data_binding(shard))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert_bit_identical(read_metrics(workdir), before, "metrics after a re-run")
+    assert store.open_metrics(workdir / "metrics").committed_records == 3
+    assert checkpoint_steps(workdir) == [2, 4]
+
+
+def test_cli_resumes_a_run_that_crashed_before_its_last_checkpoint(cli_run, shard, tmp_path):
+    """Checkpoint 4 removed: as if the run died after recording step 4, before saving it."""
+    workdir = copy_run(cli_run, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    proc = cli(workdir, data_binding(shard))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert read_metrics(workdir)["step"].tolist() == [0, 2, 4]  # Rolled back, not duplicated.
+    assert_bit_identical(read_metrics(workdir), read_metrics(cli_run), "metrics after resume")
+    assert checkpoint_steps(workdir) == [2, 4]
+
+
+def test_cli_refuses_a_different_config_and_touches_nothing(cli_run, shard, tmp_path):
+    workdir = copy_run(cli_run, tmp_path)
+    before = snapshot(workdir)
+    proc = cli(workdir, data_binding(shard), "--gin_bindings=LmTrain.learning_rate = 1e-3")
+    assert_one_line_error(proc, f"--workdir={workdir}", "different config", "--overwrite")
+    assert snapshot(workdir) == before
+
+
+def test_cli_overwrite_with_a_bad_mesh_keeps_the_old_run(cli_run, shard, tmp_path):
+    workdir = copy_run(cli_run, tmp_path)
+    before = snapshot(workdir)
+    proc = cli(workdir, data_binding(shard), "--overwrite", "--gin_bindings=MeshSpec.data = 3")
+    assert_one_line_error(proc, "mesh", "data=3")
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.xfail(strict=True, reason="main.run checks only that LmTrain.data exists before "
+                   "prepare_workdir deletes the old run; the shard is read afterwards")
+def test_cli_overwrite_with_a_corrupt_shard_keeps_the_old_run(cli_run, tmp_path):
+    workdir = copy_run(cli_run, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "fine"}\nnot json\n')
+    before = snapshot(workdir)
+    proc = cli(workdir, data_binding(bad), "--overwrite")
+    assert_one_line_error(proc, f"{bad}:2")
+    assert snapshot(workdir) == before
+
+
+def write_bad_inputs(root: pathlib.Path) -> dict[str, tuple[list[str], list[str]]]:
+    """name: (extra CLI arguments, fragments the one error line must hold)."""
+    good = gzip.compress(b"".join(
+        json.dumps({"id": d.id, "text": d.text}).encode() + b"\n" for d in golden_documents()),
+        mtime=0)
+    (root / "corrupt.json.gz").write_bytes(good[:len(good) // 2])  # Truncated mid-stream.
+    (root / "not_json.jsonl").write_text(
+        '{"id": "a", "text": "one"}\n\n{"id": "b", "text": "two"}\n{"id": "c", text: 3}\n')
+    (root / "no_text.jsonl").write_text('{"id": "a", "text": "one"}\n{"id": "b", "txt": "x"}\n')
+    (root / "empty.jsonl").write_text("")
+    tokens = np.zeros(1000, np.uint16)
+    tokens[700] = 600
+    np.save(root / "tokens.npy", tokens)
+    return {
+        "corrupt-gzip": ([data_binding(root / "corrupt.json.gz")],
+                         [f"{root / 'corrupt.json.gz'}:", "unreadable"]),
+        "not-json-line": ([data_binding(root / "not_json.jsonl")],
+                          [f"{root / 'not_json.jsonl'}:4:", "not JSON"]),
+        "missing-text": ([data_binding(root / "no_text.jsonl")],
+                         [f"{root / 'no_text.jsonl'}:2:", "'text'"]),
+        "empty-shard": ([data_binding(root / "empty.jsonl")],
+                        [str(root / "empty.jsonl"), "empty shard"]),
+        "token-id-too-big": ([data_binding(root / "tokens.npy"),
+                              "--gin_bindings=LmTrain.vocab_size = 512",
+                              "--gin_bindings=LmTrain.eos_id = 0"],
+                             [str(root / "tokens.npy"), "600", "position 700", "512"]),
+        "mesh-3-on-1-device": (["--gin_bindings=MeshSpec.data = 3"], ["mesh", "data=3"]),
+        "warmup-past-the-end": (["--gin_bindings=LmTrain.warmup_steps = 30"],
+                                ["LmTrain.warmup_steps=30", "num_steps=4"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(shard, tmp_path_factory):
+    """Every bad-input CLI call, started together (they only import and fail): name → proc."""
+    root = tmp_path_factory.mktemp("bad")
+    cases = write_bad_inputs(root)
+    procs = {}
+    for name, (extra, _) in cases.items():
+        extra = [data_binding(shard), *extra]  # Later bindings win: the bad data replaces it.
+        procs[name] = subprocess.Popen(cli_argv(root / f"run-{name}", *extra), cwd=REPO,
+                                       env=cli_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    done = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+                      cases[name][1])
+    return done
+
+
+@pytest.mark.parametrize("name", ["corrupt-gzip", "not-json-line", "missing-text", "empty-shard",
+                                  "token-id-too-big", "mesh-3-on-1-device",
+                                  "warmup-past-the-end"])
+def test_cli_bad_input_is_one_line(bad_input_runs, name):
+    proc, fragments = bad_input_runs[name]
+    assert_one_line_error(proc, *fragments)
+    assert "Traceback" not in proc.stderr
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--sharded"]:
+        print(json.dumps(sharded_table()))
+    else:
+        sys.exit(f"usage: {sys.argv[0]} --sharded")
