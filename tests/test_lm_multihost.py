@@ -28,7 +28,7 @@ from rareret.lm.corpus import write_default_corpus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_GIN = REPO / "gin_configs/lm/tiny.gin"
-TIMEOUT_S = 150  # Per launch; a healthy one takes ~15 s on two loaded cores.
+TIMEOUT_S = 120  # Per launch; a healthy one takes ~15-25 s on two loaded cores.
 METRICS = ("step", "lm_loss", "task_loss", "task_accuracy")
 NUM_STEPS, RECORD_EVERY, CHECKPOINT_EVERY = 12, 4, 6
 

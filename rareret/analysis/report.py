@@ -95,6 +95,19 @@ def plot_mechanism(run: phase.SyntheticRun, out: str) -> list[str]:
     return lines
 
 
+def diverged_lines(run: phase.SyntheticRun) -> list[str]:
+    """One line per model whose loss or parameters became non-finite (frozen since)."""
+    m = run.metrics
+    diverged_RxM, steps = m.read("diverged"), m.read("step")
+    lines = []
+    for model in np.flatnonzero(diverged_RxM[-1]):
+        first = steps[np.argmax(diverged_RxM[:, model])]
+        lines.append(f"- **diverged** model {model} (width {m.read('width')[model]}, seed "
+                     f"{m.read('seed')[model]}, lr {m.read('learning_rate')[model]:g}, gap "
+                     f"{m.read('gap')[model]}): non-finite by step {first}, frozen since")
+    return lines + [""] if lines else lines
+
+
 def markdown(run: phase.SyntheticRun, comparisons: dict[float, phase.PhaseComparison]) -> str:
     steps = run.metrics.read("step")
     lines = [
@@ -106,6 +119,7 @@ def markdown(run: phase.SyntheticRun, comparisons: dict[float, phase.PhaseCompar
         f"(last step {int(steps[-1])} of {run.sweep.num_steps})",
         "- learned: normalised loss ≤ 1 − λ_k1/(2 Tr C_k); observed critical width = smallest "
         "grid width from which every wider model learned the task (0 = none).", "",
+        *diverged_lines(run),
         "![phase diagram](phase_diagram.png)", "", "![curves](curves.png)", ""]
     for rate, comp in comparisons.items():
         errors_K = np.mean(np.abs(comp.observed_WxK - comp.predicted_WxK), axis=0)

@@ -1,0 +1,141 @@
+"""Runs that survive (synthetic sweep): kill -9 and SIGTERM resume bit-identically; a diverging
+model is frozen and flagged while the others carry on unchanged."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rareret import store
+from rareret.synthetic import runner, sweep, tasks
+
+BINDINGS = [
+    "TaskMixture.num_tasks = 6", "TaskMixture.task_dim = 4", "TaskMixture.input_dim = 32",
+    "TaskMixture.beta = 1.5", "Sweep.widths = [2, 4, 8]", "Sweep.seeds = [0, 1]",
+    "Sweep.batch_size = 128", "Sweep.num_steps = 2000", "Sweep.record_every = 100",
+    "Sweep.checkpoint_every = 400", "Sweep.interference_every = 200",
+    "run.injection = @Injection()", "Injection.gap = [20, 25]",
+]
+RECORDS = ("step", "train_loss", "task_loss", "alignment", "delta_f", "diverged",
+           "interference", "interference_gram", "grad_norm", "rare_frequent_cosine")
+
+
+def command(workdir):
+    return [sys.executable, "-m", "rareret.main", "--noreport", f"--workdir={workdir}",
+            *[f"--gin_bindings={b}" for b in BINDINGS]]
+
+
+def committed(workdir) -> int:
+    try:
+        with open(os.path.join(workdir, "metrics", "zarr.json")) as f:
+            return json.load(f)["attributes"]["committed_records"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def arrays(workdir) -> dict:
+    metrics = store.open_metrics(os.path.join(workdir, "metrics"))
+    out = {name: metrics.read(name) for name in RECORDS}
+    out.update(retention_gain=metrics.read("retention_gain"),
+               retention_decay=metrics.read("retention_decay"))
+    return out
+
+
+def run_until(workdir, records: int, sig: int) -> float:
+    """Starts the run, sends `sig` once `records` records are committed; seconds to exit."""
+    proc = subprocess.Popen(command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while committed(workdir) < records and proc.poll() is None:
+            assert time.monotonic() < deadline, "run did not reach the kill point"
+            time.sleep(0.05)
+        assert proc.poll() is None, f"run ended before the kill point: {proc.stderr.read()}"
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        return time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    proc = subprocess.run(command(workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return arrays(workdir)
+
+
+def test_kill9_at_three_points_resumes_bit_identically(reference, tmp_path):
+    workdir = tmp_path / "run"
+    num_records = len(reference["step"])
+    kills = [num_records // 6, num_records // 2, (5 * num_records) // 6]
+    for records in kills:  # Kill, then resume and kill again further on.
+        run_until(workdir, records, signal.SIGKILL)
+    proc = subprocess.run(command(workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    resumed = arrays(workdir)
+    for name, expected in reference.items():
+        np.testing.assert_array_equal(resumed[name], expected, err_msg=name)
+    print(f"kill -9 at {kills} committed records; {num_records} records compared bitwise")
+
+
+def test_sigterm_checkpoints_and_exits_quickly(reference, tmp_path):
+    workdir = tmp_path / "run"
+    seconds = run_until(workdir, len(reference["step"]) // 3, signal.SIGTERM)
+    assert seconds < 30
+    assert (workdir / "checkpoints").is_dir()
+    proc = subprocess.run(command(workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for name, expected in arrays(workdir).items():
+        np.testing.assert_array_equal(expected, reference[name], err_msg=name)
+    print(f"SIGTERM → exit in {seconds:.2f} s")
+
+
+def test_sigterm_exit_status_is_zero(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        while committed(workdir) < 3 and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "preempted" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+MIXTURE = tasks.TaskMixture(num_tasks=4, task_dim=3, input_dim=16, beta=1.0)
+
+
+def test_diverging_model_is_frozen_and_flagged(tmp_path):
+    common = dict(widths=(2, 5), batch_size=64, num_steps=60, record_every=20, warmup_steps=5)
+    runner.run_sweep(MIXTURE, sweep.Sweep(learning_rate=(1e-3, 1e30), **common),
+                     str(tmp_path / "both"), show_progress=False)
+    runner.run_sweep(MIXTURE, sweep.Sweep(learning_rate=1e-3, **common),
+                     str(tmp_path / "sane"), show_progress=False)
+    both = store.open_metrics(str(tmp_path / "both" / "metrics"))
+    sane = store.open_metrics(str(tmp_path / "sane" / "metrics"))
+    diverged = both.read("diverged")
+    absurd = both.read("learning_rate") > 1
+    assert diverged[-1, absurd].all() and not diverged[:, ~absurd].any()
+    # Frozen at its last finite state (finite, if absurd: its metrics may overflow): its
+    # records stop changing.
+    np.testing.assert_array_equal(both.read("alignment")[-1, absurd],
+                                  both.read("alignment")[-2, absurd])
+    # The others match a run without the diverging model.
+    np.testing.assert_allclose(both.read("task_loss")[:, ~absurd], sane.read("task_loss"),
+                               rtol=1e-4, atol=1e-6)
+    from rareret.analysis import report
+    text = pathlib.Path(report.write_report(str(tmp_path / "both"))).read_text()
+    assert "diverged" in text
