@@ -17,6 +17,7 @@ changes in tokenizer training never move the golden numbers.
 prints the sharded ≡ unsharded table; `test_sharded_matches_unsharded` runs it so.
 """
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import PartitionSpec
 
 from rareret import sharding, store
 from rareret.errors import ConfigError
@@ -299,15 +301,35 @@ def sharded_table() -> dict:
     return rows
 
 
-def test_sharded_matches_unsharded():
-    # LLVM's expensive passes off: a third less compile time (15 programs), same HLO partitioning.
+@pytest.fixture(scope="module", autouse=True)
+def sharded_run(request, tmp_path_factory):
+    """Starts `--sharded` in a subprocess (8 CPU devices) as soon as the module starts, if its
+    test is selected, so its compiles (15 programs) overlap the other tests; the test waits.
+    Output goes to files: a pipe nobody reads until the end could fill up and block it."""
+    if not any(item.name == "test_sharded_matches_unsharded" for item in request.session.items):
+        yield None
+        return
+    # LLVM's expensive passes off: a third less compile time, the same HLO partitioning.
     flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
              "--xla_llvm_disable_expensive_passes=true")
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, __file__, "--sharded"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    directory = tmp_path_factory.mktemp("sharded")
+    with open(directory / "stdout", "w") as out, open(directory / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--sharded"], env=env, cwd=REPO,
+                                stdout=out, stderr=err)
+    yield proc, directory
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_sharded_matches_unsharded(sharded_run):
+    proc, directory = sharded_run
+    proc.wait(timeout=300)
+    stderr = (directory / "stderr").read_text()
+    assert proc.returncode == 0, stderr[-5000:]
+    print(stderr[stderr.index("mesh "):])  # The table, for -s.
+    rows = json.loads((directory / "stdout").read_text().strip().splitlines()[-1])
     assert list(rows) == list(MESHES)
     one = rows["1"]
     assert one["devices"] == 1 and one["head"]["shard"] == one["head"]["global"]
@@ -326,7 +348,7 @@ def test_sharded_matches_unsharded():
             continue
         assert row["devices"] == 8
         # head [embed, vocab] → (fsdp, tensor); embedding [vocab, embed] → (tensor, fsdp).
-        assert row["head"]["spec"] == "PartitionSpec('fsdp', 'tensor')", (name, row["head"])
+        assert row["head"]["spec"] == str(PartitionSpec("fsdp", "tensor")), (name, row["head"])
         assert row["head"]["shard"] == [32 // fsdp, vocab // tensor], (name, row["head"])
         assert row["embedding_shard"] == [vocab // tensor, 32 // fsdp], name
         assert row["opt_head_specs"] == [row["head"]["spec"]], (name, row["opt_head_specs"])
@@ -339,21 +361,23 @@ def test_sharded_matches_unsharded():
 # ----------------------------------------------------------------------------- golden numbers
 
 GOLDEN = {  # From `pytest tests/test_lm_train.py -k golden -s`; see test_golden_first_steps.
-    "lm_loss_steps_1_2_3": [0.0, 0.0, 0.0],
-    "task_loss_record_0": [0.0, 0.0],
+    "lm_loss_steps_1_2_3": [6.236609935760498, 6.25118350982666, 6.19583797454834],
+    "task_loss_record_0": [6.249820232391357, 6.22715425491333],
 }
 
 
 def test_golden_first_steps(shard, tmp_path):
     """Seed 0, the generated shard and the fixture tokenizer: lm_loss of steps 1-3 (step 1 sees
-    the initial parameters; warm-up makes the first update a no-op, the second moves them) and
-    task_loss at record 0 (initial parameters) are fixed numbers."""
-    spec = tiny_spec(shard, num_steps=3, record_every=1, checkpoint_every=3, warmup_steps=1,
-                     learning_rate=1e-2)
-    with jax.default_matmul_precision("float32"):  # No TF32 on GPUs: CPU numbers hold there.
+    the initial parameters; warm-up from 0 makes the first update a no-op, the second moves
+    them) and task_loss at record 0 (initial parameters) are fixed numbers (CPU float32)."""
+    # The RESUME optimiser (so the compiled programs are shared), recording every step.
+    spec = tiny_spec(shard, **{**RESUME, "record_every": 1, "checkpoint_every": 12})
+    precision = (contextlib.nullcontext() if jax.default_backend() == "cpu" else
+                 jax.default_matmul_precision("float32"))  # No TF32 on GPUs.
+    with precision:
         train.run_lm(spec, str(tmp_path), show_progress=False)
     metrics = read_metrics(tmp_path)
-    assert metrics["step"].tolist() == [0, 1, 2, 3]
+    assert metrics["step"].tolist() == list(range(13))
     got = {"lm_loss_steps_1_2_3": [float(x) for x in metrics["lm_loss"][1:]],
            "task_loss_record_0": [float(x) for x in metrics["task_loss"][0]]}
     print(f"\nGOLDEN = {json.dumps(got, indent=4)}")
@@ -367,9 +391,11 @@ def test_golden_first_steps(shard, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 
-CLI_BINDINGS = ["LmTrain.seq_len = 32", "LmTrain.global_batch = 8", "LmTrain.num_steps = 4",
-                "LmTrain.warmup_steps = 2", "LmTrain.record_every = 2",
-                "LmTrain.checkpoint_every = 2", "LmTrain.eval_instances = 64"]
+# tiny.gin shrunk to the RESUME schedule (same compiled programs, from the cache): records at
+# 0 3 6 9 12, checkpoints at 4 8 12.
+CLI_BINDINGS = ["LmTrain.seq_len = 32", "LmTrain.global_batch = 8", "LmTrain.num_steps = 12",
+                "LmTrain.warmup_steps = 2", "LmTrain.record_every = 3",
+                "LmTrain.checkpoint_every = 4", "LmTrain.eval_instances = 64"]
 
 
 def cli_argv(workdir, *extra) -> list[str]:
@@ -424,16 +450,16 @@ def copy_run(run: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
 def test_cli_run_writes_spec_metrics_checkpoints(cli_run, shard):
     spec = json.loads((cli_run / "spec.json").read_text())
     assert spec["experiment"] == "lm"
-    assert spec["lm"]["num_steps"] == 4 and spec["lm"]["data"] == str(shard)
+    assert spec["lm"]["num_steps"] == 12 and spec["lm"]["data"] == str(shard)
     assert [t["name"] for t in spec["lm"]["tasks"]] == ["cmp", "add"]  # From tiny.gin.
-    assert "LmTrain.num_steps = 4\n" in (cli_run / "config.gin").read_text()
+    assert "LmTrain.num_steps = 12\n" in (cli_run / "config.gin").read_text()
     assert data.load_tokenizer(cli_run / "tokenizer.json").get_vocab_size() == 512
     metrics = read_metrics(cli_run)
-    assert metrics["step"].tolist() == [0, 2, 4]
+    assert metrics["step"].tolist() == [0, 3, 6, 9, 12]
     assert np.isnan(metrics["lm_loss"][0]) and np.all(np.isfinite(metrics["lm_loss"][1:]))
-    assert metrics["task_loss"].shape == (3, 2) and np.all(np.isfinite(metrics["task_loss"]))
-    assert metrics["task_accuracy"].shape == (3, 2)
-    assert checkpoint_steps(cli_run) == [2, 4]
+    assert metrics["task_loss"].shape == (5, 2) and np.all(np.isfinite(metrics["task_loss"]))
+    assert metrics["task_accuracy"].shape == (5, 2)
+    assert checkpoint_steps(cli_run) == [8, 12]
 
 
 def test_cli_rerun_of_a_finished_run_changes_nothing(cli_run, shard, tmp_path):
@@ -442,19 +468,20 @@ def test_cli_rerun_of_a_finished_run_changes_nothing(cli_run, shard, tmp_path):
     proc = cli(workdir, data_binding(shard))
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert_bit_identical(read_metrics(workdir), before, "metrics after a re-run")
-    assert store.open_metrics(workdir / "metrics").committed_records == 3
-    assert checkpoint_steps(workdir) == [2, 4]
+    assert store.open_metrics(workdir / "metrics").committed_records == 5
+    assert checkpoint_steps(workdir) == [8, 12]
 
 
 def test_cli_resumes_a_run_that_crashed_before_its_last_checkpoint(cli_run, shard, tmp_path):
-    """Checkpoint 4 removed: as if the run died after recording step 4, before saving it."""
+    """Checkpoint 12 removed: as if the run died after recording steps 9 and 12 but before
+    saving step 12; it resumes from 8 and recomputes records 9 and 12."""
     workdir = copy_run(cli_run, tmp_path)
-    shutil.rmtree(workdir / "checkpoints" / "4")
+    shutil.rmtree(workdir / "checkpoints" / "12")
     proc = cli(workdir, data_binding(shard))
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert read_metrics(workdir)["step"].tolist() == [0, 2, 4]  # Rolled back, not duplicated.
+    assert read_metrics(workdir)["step"].tolist() == [0, 3, 6, 9, 12]  # Not duplicated.
     assert_bit_identical(read_metrics(workdir), read_metrics(cli_run), "metrics after resume")
-    assert checkpoint_steps(workdir) == [2, 4]
+    assert checkpoint_steps(workdir) == [8, 12]
 
 
 def test_cli_refuses_a_different_config_and_touches_nothing(cli_run, shard, tmp_path):
@@ -513,7 +540,7 @@ def write_bad_inputs(root: pathlib.Path) -> dict[str, tuple[list[str], list[str]
                              [str(root / "tokens.npy"), "600", "position 700", "512"]),
         "mesh-3-on-1-device": (["--gin_bindings=MeshSpec.data = 3"], ["mesh", "data=3"]),
         "warmup-past-the-end": (["--gin_bindings=LmTrain.warmup_steps = 30"],
-                                ["LmTrain.warmup_steps=30", "num_steps=4"]),
+                                ["LmTrain.warmup_steps=30", "num_steps=12"]),
     }
 
 

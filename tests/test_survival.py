@@ -139,3 +139,27 @@ def test_diverging_model_is_frozen_and_flagged(tmp_path):
     from rareret.analysis import report
     text = pathlib.Path(report.write_report(str(tmp_path / "both"))).read_text()
     assert "diverged" in text
+
+
+def test_report_reads_a_run_that_is_still_writing(tmp_path):
+    from rareret.analysis import phase, report
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    reports, seen = 0, []
+    try:
+        while committed(workdir) < 2 and proc.poll() is None:
+            time.sleep(0.05)
+        while proc.poll() is None:
+            report.write_report(str(workdir))
+            run = phase.SyntheticRun.load(str(workdir))
+            steps = run.metrics.read("step")
+            assert len(steps) == run.metrics.committed_records
+            assert len(run.metrics.read("alignment")) == len(steps)
+            assert np.all(np.diff(steps) > 0)
+            seen.append(len(steps))
+            reports += 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, proc.stderr.read()
+    assert reports >= 2 and seen == sorted(seen), seen

@@ -89,7 +89,7 @@ def plot_mechanism(run: phase.SyntheticRun, out: str) -> list[str]:
     for name, plot, title in plots:
         plot(run, os.path.join(out, name))
         lines += [f"![{title}]({name})", ""]
-    if run.injection:
+    if run.injection and "retention_gain" in run.metrics.names():  # Written when the run ends.
         lines += [f"Retention of rare task {mechanism.rare_task(run) + 1} (per-cycle gain and "
                   f"decay of s̃_r, averaged over cycles):", "", *mechanism.retention_table(run), ""]
     return lines

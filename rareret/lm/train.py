@@ -127,6 +127,12 @@ def check_inputs(spec: LmTrain) -> None:
                 f"LmTrain.tokenizer={spec.tokenizer}: no such file")
 
 
+def sync_processes(name: str) -> None:
+    """A barrier across the processes of a multi-process run; nothing on one process."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def padded_vocab(size: int) -> int:
     return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
@@ -146,15 +152,20 @@ def load_corpus(spec: LmTrain, workdir: str) -> Corpus:
         token_corpus = data.TokenCorpus.from_token_files(spec.data, spec.vocab_size, spec.eos_id)
         return Corpus(token_corpus.tokens, spec.vocab_size, spec.eos_id)
     path = spec.data
-    if path == "default":
-        path = corpus.write_default_corpus(os.path.join(workdir, "data", "stdlib_docs.json.gz"))
+    if path == "default":  # Process 0 writes the shared workdir's files; the others wait.
+        path = os.path.join(workdir, "data", "stdlib_docs.json.gz")
+        if jax.process_index() == 0:
+            corpus.write_default_corpus(path)
+        sync_processes("rareret.lm: default corpus written")
     if spec.tokenizer:
         tokenizer = data.load_tokenizer(spec.tokenizer)
     else:
         saved = os.path.join(workdir, "tokenizer.json")
-        tokenizer = (data.load_tokenizer(saved) if os.path.exists(saved) else
-                     data.train_tokenizer((d.text for d in data.read_documents(path)),
-                                          spec.vocab_size, saved))
+        if jax.process_index() == 0 and not os.path.exists(saved):
+            data.train_tokenizer((d.text for d in data.read_documents(path)), spec.vocab_size,
+                                 saved)
+        sync_processes("rareret.lm: tokenizer trained")
+        tokenizer = data.load_tokenizer(saved)
     token_corpus = data.TokenCorpus.from_documents(path, tokenizer)
     return Corpus(token_corpus.tokens, token_corpus.vocab_size, token_corpus.eos_id)
 
@@ -284,6 +295,8 @@ def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> bool:
     mesh = sharding.make_mesh(spec.mesh)
     writer_process = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    # Every process has claimed (maybe cleared) the shared workdir before any writes into it.
+    sync_processes("rareret.lm: workdir claimed")
     text = load_corpus(spec, workdir)
     program = LmProgram(spec, text.vocab_size, mesh)
     tasks = [inject.build_task(t, text.vocab_size, reserved=(text.eos_id,)) for t in spec.tasks]
