@@ -163,3 +163,55 @@ def test_report_reads_a_run_that_is_still_writing(tmp_path):
             proc.kill()
     assert proc.returncode == 0, proc.stderr.read()
     assert reports >= 2 and seen == sorted(seen), seen
+
+
+LM_BINDINGS = ["LmTrain.seq_len = 32", "LmTrain.global_batch = 8", "LmTrain.num_steps = 48",
+               "LmTrain.record_every = 4", "LmTrain.checkpoint_every = 8",
+               "LmTrain.eval_instances = 64"]
+LM_GIN = pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / "lm" / "tiny.gin"
+
+
+def lm_command(workdir, *extra):
+    return [sys.executable, "-m", "rareret.main", f"--gin_file={LM_GIN}", f"--workdir={workdir}",
+            *[f"--gin_bindings={b}" for b in LM_BINDINGS + list(extra)]]
+
+
+def lm_arrays(workdir) -> dict:
+    metrics = store.open_metrics(os.path.join(workdir, "metrics"))
+    return {name: metrics.read(name) for name in ("step", "lm_loss", "task_loss",
+                                                  "task_accuracy")}
+
+
+def test_lm_kill9_at_three_points_resumes_bit_identically(tmp_path):
+    reference = tmp_path / "reference"
+    proc = subprocess.run(lm_command(reference), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = lm_arrays(reference)
+    workdir = tmp_path / "run"
+    for records in (3, 6, 10):  # Between checkpoints and right after them.
+        proc = subprocess.Popen(lm_command(workdir), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            while committed(workdir) < records and proc.poll() is None:
+                time.sleep(0.02)
+            proc.kill()
+        finally:
+            proc.wait()
+    proc = subprocess.run(lm_command(workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    resumed = lm_arrays(workdir)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(resumed[name], values, err_msg=name)
+
+
+def test_lm_divergence_stops_with_a_diagnostic(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run(lm_command(workdir, "LmTrain.learning_rate = 1e30",
+                                     "LmTrain.clip_norm = 1e30"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("rareret: error:")]
+    assert len(lines) == 1 and "diverged by step" in lines[0], proc.stderr
+    # Only finite states were checkpointed.
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(s < 48 for s in steps)
