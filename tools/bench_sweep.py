@@ -129,7 +129,9 @@ class TorchLoop:
         self.rows_B = torch.arange(sweep.batch_size)
         self.models = [[self._model(width, seed) for seed in sweep.seeds]
                        for width in sweep.widths]
-        self.run()  # Warms up allocators and kernels.
+        for model in (m for row in self.models for m in row):  # Warms up allocators, kernels.
+            for _ in range(3):
+                self._step(*model)
 
     def _model(self, width: int, seed: int):
         mix = self.mixture
@@ -212,7 +214,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--warmup_steps", type=int, default=1000)
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions of every method")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of every method")
     parser.add_argument("--chunk", type=int, default=200, help="steps per packed timing")
     parser.add_argument("--loop_chunk", type=int, default=50,
                         help="steps per timing of each jax-loop model")
@@ -235,6 +237,9 @@ def main() -> None:
               for n in counts}
     largest = sweeps[counts[-1]]
     print(load_average())
+    if os.getloadavg()[0] > os.cpu_count():
+        print(f"warning: load above {os.cpu_count()} CPUs; timings are unreliable, torch's OpenMP "
+              f"threads most of all (try --torch_threads=1)")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
           + (f"torch {torch.__version__} with torch.set_num_threads({args.torch_threads})"
              if torch else "torch not installed: torch loop skipped"))
@@ -245,13 +250,23 @@ def main() -> None:
 
     if torch:
         torch.set_num_threads(args.torch_threads)
-    packed = {n: Packed(mixture, sweeps[n], args.chunk) for n in counts}
-    jax_loop = JaxLoop(mixture, largest, args.loop_chunk)
-    torch_loop = TorchLoop(mixture, largest, args.torch_steps) if torch else None
+    setup_s = {}
+
+    def built(name, make):
+        start = time.perf_counter()
+        out = make()
+        setup_s[name] = time.perf_counter() - start
+        return out
+
     batch, dim = args.batch_size, mixture.input_dim
-    gemms = {n: Gemm(batch, dim, sum(args.widths) * n) for n in counts}
-    square = Gemm(1024, 1024, 1024)
-    print(f"compiled and warmed up in {time.perf_counter() - wall_start:.1f} s", flush=True)
+    packed = built("packed", lambda: {n: Packed(mixture, sweeps[n], args.chunk) for n in counts})
+    jax_loop = built("jax loop", lambda: JaxLoop(mixture, largest, args.loop_chunk))
+    torch_loop = (built("torch loop", lambda: TorchLoop(mixture, largest, args.torch_steps))
+                  if torch else None)
+    gemms = built("gemm", lambda: {n: Gemm(batch, dim, sum(args.widths) * n) for n in counts})
+    square = built("square gemm", lambda: Gemm(1024, 1024, 1024))
+    print("init, compile and warm-up (s): "
+          + ", ".join(f"{name} {s:.1f}" for name, s in setup_s.items()), flush=True)
 
     seconds = {(method, n): [] for method in METHODS for n in counts}
     rates = {n: [] for n in counts}

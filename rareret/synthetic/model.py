@@ -66,20 +66,34 @@ class PackedLayout:
 def init_params(layout: PackedLayout, keys_M: jax.Array) -> Params:
     """Initialises every model from its own key, at its true width (PAPER.md §1).
 
-    Encoder rows are orthonormal; decoders use PyTorch's nn.Linear default, the Kaiming-uniform
-    fan-in rule U(−1/√N, 1/√N).
+    Encoder rows are orthonormal: the Q factor of a Gaussian [D, N] matrix, signs fixed by R's
+    diagonal. Decoders use PyTorch's nn.Linear default, Kaiming-uniform fan-in U(−1/√N, 1/√N).
+    All models' QRs run as ONE batched call, each zero-padded to [D, D] (Householder QR's first
+    N columns ignore later columns, and a fixed padded shape keeps a model's init bit-identical
+    whatever else is packed with it): concurrent LAPACK calls in one XLA CPU program can
+    deadlock its thread pool.
     """
-    keys_GxC = keys_M.reshape(layout.num_groups, layout.copies)
-    params = []
-    for width, keys_C in zip(layout.group_widths(), keys_GxC):
-        def one(key, width=width):
-            k_enc, k_dec = jax.random.split(key)
-            encoder = jax.nn.initializers.orthogonal()(k_enc, (width, layout.input_dim))
-            bound = 1.0 / np.sqrt(width)
-            decoders = jax.random.uniform(
-                k_dec, (layout.num_tasks, layout.task_dim, width), jnp.float32, -bound, bound)
-            return {"encoder": encoder.astype(jnp.float32), "decoders": decoders}
-        params.append(jax.vmap(one)(keys_C))
+    widths_M = layout.model_widths()
+    widest = layout.input_dim
+    keys_Mx2 = jax.vmap(jax.random.split)(keys_M)
+
+    def gaussian(key, width):
+        return jnp.pad(jax.random.normal(key, (layout.input_dim, width), jnp.float32),
+                       ((0, 0), (0, widest - width)))
+
+    draws_MxDxD = jnp.stack([gaussian(k, int(w)) for k, w in zip(keys_Mx2[:, 0], widths_M)])
+    q_MxDxD, r_MxDxD = jnp.linalg.qr(draws_MxDxD)
+    signs_MxD = jnp.sign(jnp.diagonal(r_MxDxD, axis1=1, axis2=2))
+    encoders_MxDxD = jnp.swapaxes(q_MxDxD * signs_MxD[:, None, :], 1, 2)
+    params, m = [], 0
+    for width in layout.group_widths():
+        bound = 1.0 / np.sqrt(width)
+        decoders = jnp.stack([jax.random.uniform(
+            keys_Mx2[m + c, 1], (layout.num_tasks, layout.task_dim, width), jnp.float32,
+            -bound, bound) for c in range(layout.copies)])
+        params.append({"encoder": encoders_MxDxD[m:m + layout.copies, :width],
+                       "decoders": decoders})
+        m += layout.copies
     return tuple(params)
 
 
@@ -187,23 +201,33 @@ def alignment(params: Params, sqrt_spectra_KxT: jax.Array) -> jax.Array:
     P_W projects onto the row space of W. With W Wᵀ = U Λ Uᵀ, the rows of Λ^{-1/2} Uᵀ W are an
     orthonormal basis of it, so diag(P_W) is their squared column norms; eigen-directions with
     λ ≤ λ_max · N · 1e-6 (singular values below ~1e-3 of the largest) are dropped as rank
-    deficiency. No explicit (W Wᵀ)^{-1}; and XLA's CPU SVD is pathologically slow at some shapes.
+    deficiency. No explicit (W Wᵀ)^{-1}, and no SVD (XLA's CPU SVD is pathologically slow at
+    some shapes). All models' Grams go through ONE batched eigh, zero-padded to the widest
+    width (padding adds only zero eigenvalues, which are dropped): concurrent LAPACK calls in
+    one XLA CPU program can deadlock its thread pool.
     """
     num_tasks, task_dim = sqrt_spectra_KxT.shape
     spectra_KxT = sqrt_spectra_KxT ** 2
-
-    def one(encoder_NxD):
-        gram_NxN = jnp.matmul(encoder_NxD, encoder_NxD.T, precision=jax.lax.Precision.HIGHEST)
-        eig_N, vec_NxN = jnp.linalg.eigh(gram_NxN)
-        kept_N = eig_N > eig_N[-1] * encoder_NxD.shape[0] * 1e-6
-        scale_N = jnp.where(kept_N, jax.lax.rsqrt(jnp.where(kept_N, eig_N, 1.0)), 0.0)
-        basis_NxD = scale_N[:, None] * jnp.matmul(vec_NxN.T, encoder_NxD,
-                                                  precision=jax.lax.Precision.HIGHEST)
-        proj_diag_D = jnp.sum(basis_NxD * basis_NxD, axis=0)
-        own_KxT = proj_diag_D[: num_tasks * task_dim].reshape(num_tasks, task_dim)
-        return jnp.sum(spectra_KxT * own_KxT, axis=1) / jnp.sum(spectra_KxT, axis=1)
-
-    return jnp.concatenate([jax.vmap(one)(p["encoder"]) for p in params])
+    widest = max(p["encoder"].shape[1] for p in params)
+    highest = jax.lax.Precision.HIGHEST
+    grams = [jnp.einsum("cnd,cmd->cnm", p["encoder"], p["encoder"], precision=highest)
+             for p in params]
+    grams_MxWxW = jnp.concatenate([jnp.pad(g, ((0, 0), (0, widest - g.shape[1]),
+                                                (0, widest - g.shape[1]))) for g in grams])
+    eig_MxW, vec_MxWxW = jnp.linalg.eigh(grams_MxWxW)
+    kept_MxW = eig_MxW > eig_MxW[:, -1:] * widest * 1e-6
+    scale_MxW = jnp.where(kept_MxW, jax.lax.rsqrt(jnp.where(kept_MxW, eig_MxW, 1.0)), 0.0)
+    out, m = [], 0
+    for p in params:
+        copies, width, _ = p["encoder"].shape
+        vec_CxNxW = vec_MxWxW[m:m + copies, :width]
+        basis_CxWxD = scale_MxW[m:m + copies, :, None] * jnp.einsum(
+            "cnw,cnd->cwd", vec_CxNxW, p["encoder"], precision=highest)
+        proj_diag_CxD = jnp.sum(basis_CxWxD * basis_CxWxD, axis=1)
+        own_CxKxT = proj_diag_CxD[:, : num_tasks * task_dim].reshape(copies, num_tasks, task_dim)
+        out.append(jnp.sum(spectra_KxT * own_CxKxT, axis=2) / jnp.sum(spectra_KxT, axis=1))
+        m += copies
+    return jnp.concatenate(out)
 
 
 def task_maps(sqrt_spectra_KxT: jax.Array, input_dim: int) -> jax.Array:

@@ -248,10 +248,15 @@ class SweepProgram:
             return jax.tree.map(lambda n, o: jnp.where(
                 frozen_C.reshape((-1,) + (1,) * (n.ndim - 1)), o, n), new, old)
 
-        state = {"params": tuple(keep(f, u[0], p) for f, u, p in zip(frozen_GxC, updated, params)),
-                 "opt_state": tuple(keep(f, u[1], s)
-                                    for f, u, s in zip(frozen_GxC, updated, opt_state)),
-                 "diverged": diverged_M}
+        def frozen_kept():
+            return (tuple(keep(f, u[0], p) for f, u, p in zip(frozen_GxC, updated, params)),
+                    tuple(keep(f, u[1], s) for f, u, s in zip(frozen_GxC, updated, opt_state)))
+
+        # The select runs only once some model has diverged (the common case skips it).
+        new_params, new_opt_state = jax.lax.cond(
+            jnp.any(diverged_M), frozen_kept,
+            lambda: (tuple(u[0] for u in updated), tuple(u[1] for u in updated)))
+        state = {"params": new_params, "opt_state": new_opt_state, "diverged": diverged_M}
         return state, loss_sum_M + losses_M
 
     def _train_chunk(self, state, num_steps, first_step):
