@@ -194,10 +194,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         require(FLAGS.workdir, "--workdir is required")
+        # Parse first: a bad file or binding then fails alone, before it can strand peers.
+        parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
         if FLAGS.distributed:
             initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
-        parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
         run(FLAGS.workdir)
     except ConfigError as e:
         # gin appends "In call to configurable ..." context lines; the first line is the message.

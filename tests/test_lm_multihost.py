@@ -5,11 +5,11 @@ devices, and resume cooperatively from the orbax checkpoints they wrote together
 Both runs use the mesh fsdp=2, so the parameters and optimiser state are sharded across the two
 processes (all-gathers and reduce-scatters go through gloo) and each process writes its own shards
 of the checkpoint; the batch is split by rows (process p feeds rows [p·b, (p+1)·b) of each global
-batch). The corpus is one small Dolma shard and a tokenizer.json written here once, so every
-process reads identical files and none of them writes to the data.
+batch). Data: one small Dolma shard of pseudo-words written here from a fixed LCG, and the
+pre-trained `tests/data/lm_tokenizer.json` (byte-level BPE, 512), so every process reads the same
+files and none writes any. All launches share a persistent XLA compilation cache.
 """
 
-import itertools
 import os
 import pathlib
 import shutil
@@ -24,25 +24,41 @@ import pytest
 
 from rareret import store
 from rareret.lm import data
-from rareret.lm.corpus import write_default_corpus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_GIN = REPO / "gin_configs/lm/tiny.gin"
+TOKENIZER = REPO / "tests/data/lm_tokenizer.json"
 TIMEOUT_S = 120  # Per launch; a healthy one takes ~15-25 s on two loaded cores.
 METRICS = ("step", "lm_loss", "task_loss", "task_accuracy")
 NUM_STEPS, RECORD_EVERY, CHECKPOINT_EVERY = 12, 4, 6
 
 
+def _documents(count: int = 120) -> list[data.Document]:
+    """~25 kB of pseudo-words from a fixed LCG: the same text on every install."""
+    x = 7
+
+    def draw(n):
+        nonlocal x
+        x = (1103515245 * x + 12345) % 2**31
+        return x % n
+
+    syllables = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "an", "el", "is", "bra",
+                 "che", "dri", "gro", "qua", "sti")
+    words = ["".join(syllables[draw(len(syllables))] for _ in range(1 + draw(3)))
+             for _ in range(200)]
+    documents = []
+    for i in range(count):
+        sentences = [" ".join(words[min(draw(200), draw(200))] for _ in range(4 + draw(9)))
+                     for _ in range(2 + draw(5))]
+        documents.append(data.Document(f"doc{i}", ". ".join(sentences).capitalize() + "."))
+    return documents
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """(Dolma shard, tokenizer.json): 60 stdlib-docstring documents, ~140k tokens at vocab 512."""
-    root = tmp_path_factory.mktemp("lm_corpus")
-    full = write_default_corpus(root / "stdlib.json.gz")
-    docs = list(itertools.islice(data.read_documents(full), 60))
-    shard = data.write_shard(root / "shard.json.gz", docs)
-    tokenizer = root / "tokenizer.json"
-    data.train_tokenizer((d.text for d in docs), 512, tokenizer)
-    return shard, tokenizer
+    """(Dolma shard, tokenizer.json)."""
+    shard = data.write_shard(tmp_path_factory.mktemp("lm_corpus") / "shard.jsonl.gz", _documents())
+    return shard, TOKENIZER
 
 
 def _bindings(corpus) -> list[str]:
@@ -69,30 +85,43 @@ def _launch(workdir, bindings, log, devices=1, process_id=None, port=None):
                  "--num_processes=2", f"--process_id={process_id}"]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["JAX_PLATFORMS"] = "cpu"
+    env.update(JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "xla_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     out = open(log, "w")
     try:
-        # Own process group, so a straggler's children go with it.
         return subprocess.Popen(argv, cwd=workdir.parent, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         out.close()
 
 
-def _wait_all(procs_logs, timeout=TIMEOUT_S):
-    """Waits for every process; on a failure or the deadline kills the rest, then asserts rc 0."""
-    deadline = time.monotonic() + timeout
+def _pair(workdir):
+    """The launches of one two-process run: (workdir, log, _launch keywords) for each process."""
+    port = _free_port()
+    return [(workdir, workdir.parent / f"{workdir.name}.process{pid}.log",
+             dict(process_id=pid, port=port)) for pid in (0, 1)]
+
+
+def _run(bindings, launches, timeout=TIMEOUT_S):
+    """Starts every launch at once and waits for all to exit 0; a failure, or the deadline,
+    kills the others (peers of a dead process would block in a collective) and fails the test
+    with the logs. No process outlives this call."""
+    procs_logs = []
     try:
-        pending = list(procs_logs)
+        for workdir, log, keywords in launches:
+            procs_logs.append((_launch(workdir, bindings, log, **keywords), log))
+        deadline, pending = time.monotonic() + timeout, list(procs_logs)
         while pending:
             for proc, log in list(pending):
                 if proc.poll() is not None:
                     pending.remove((proc, log))
-                    if proc.returncode != 0:  # The peers would hang in a collective; stop them.
-                        return _fail(procs_logs, f"{log.name} exited {proc.returncode}")
+                    if proc.returncode != 0:
+                        _fail(procs_logs, f"{log.name} exited {proc.returncode}")
             if time.monotonic() > deadline:
-                return _fail(procs_logs, f"timed out after {timeout} s")
+                _fail(procs_logs, f"timed out after {timeout} s")
             time.sleep(0.1)
     finally:
         _kill(p for p, _ in procs_logs)
@@ -102,7 +131,7 @@ def _kill(procs):
     for proc in procs:
         if proc.poll() is None:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)  # Its own session: children go too.
             except ProcessLookupError:
                 pass
             proc.wait()
@@ -112,19 +141,6 @@ def _fail(procs_logs, why):
     _kill(p for p, _ in procs_logs)
     logs = "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}" for _, log in procs_logs)
     pytest.fail(f"{why}\n{logs}")
-
-
-def _two_process_run(workdir, bindings):
-    port = _free_port()
-    procs_logs = []
-    try:
-        for pid in (0, 1):
-            log = workdir.parent / f"{workdir.name}.process{pid}.log"
-            procs_logs.append((_launch(workdir, bindings, log, process_id=pid, port=port), log))
-    except BaseException:
-        _kill(p for p, _ in procs_logs)
-        raise
-    return procs_logs
 
 
 def _metrics(workdir) -> dict[str, np.ndarray]:
@@ -142,29 +158,26 @@ def _assert_same(got, want):
 def test_two_processes_match_one_process_with_two_devices_and_resume(corpus, tmp_path):
     bindings = _bindings(corpus)
     single, multi = tmp_path / "single", tmp_path / "multi"
-    single_log = tmp_path / "single.log"
-    # All three processes at once: the single-device run shares nothing with the pair.
-    runs = _two_process_run(multi, bindings)
-    runs.append((_launch(single, bindings, single_log, devices=2), single_log))
-    _wait_all(runs)
+    # All three processes at once: the single-process run shares nothing with the pair.
+    _run(bindings, _pair(multi) + [(single, tmp_path / "single.log", dict(devices=2))])
 
     want, got = _metrics(single), _metrics(multi)
     steps = list(range(0, NUM_STEPS + 1, RECORD_EVERY))
-    assert want["step"].tolist() == steps  # Process 0 alone wrote each record once.
+    assert want["step"].tolist() == got["step"].tolist() == steps  # One writer: process 0.
     assert np.isnan(want["lm_loss"][0]) and np.all(np.isfinite(want["lm_loss"][1:]))
     assert want["task_loss"].shape == want["task_accuracy"].shape == (len(steps), 2)
     _assert_same(got, want)
 
-    # Every process wrote its own grain iterator state and array shards into one checkpoint.
+    # Each process wrote its own grain iterator state and array shards into one checkpoint.
     last = multi / "checkpoints" / str(NUM_STEPS)
     assert sorted(p.name for p in (last / "data").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
-    assert {p.name for p in (last / "state").glob("ocdbt.process_*")} == {
-        "ocdbt.process_0", "ocdbt.process_1"}
+    assert sorted(p.name for p in (last / "state").glob("ocdbt.process_*")) == [
+        "ocdbt.process_0", "ocdbt.process_1"]
 
     # Resume: without the last checkpoint both processes restore step 6 (sharded state, each
-    # its own iterator state), the records after it are rolled back, recomputed, and equal.
+    # its own iterator state); the records after it are rolled back, recomputed, and equal.
     shutil.rmtree(last)
-    _wait_all(_two_process_run(multi, bindings))
+    _run(bindings, _pair(multi))
     _assert_same(_metrics(multi), want)
-    assert (multi / "checkpoints" / str(NUM_STEPS) / "data" / "process_1-of-2.json").is_file()
+    assert (last / "data" / "process_1-of-2.json").is_file()

@@ -118,13 +118,33 @@ class LmTrain:
 
 
 def check_inputs(spec: LmTrain) -> None:
-    """Cheap checks of what `run_lm` will read, so bad paths or meshes fail before any work."""
+    """Reads and validates everything `run_lm` will read (mesh, data, tokenizer), so bad input
+    fails before the workdir is touched."""
     spec.mesh.resolve(jax.device_count())
-    if spec.data != "default":
-        require(os.path.exists(spec.data), f"LmTrain.data={spec.data}: no such file or directory")
     if spec.tokenizer:
-        require(os.path.isfile(spec.tokenizer),
-                f"LmTrain.tokenizer={spec.tokenizer}: no such file")
+        data.load_tokenizer(spec.tokenizer)
+    if spec.data == "default":
+        return
+    require(os.path.exists(spec.data), f"LmTrain.data={spec.data}: no such file or directory")
+    if is_token_data(spec.data):
+        data.TokenCorpus.from_token_files(spec.data, spec.vocab_size, spec.eos_id)
+    else:
+        for _ in data.read_documents(spec.data):
+            pass
+
+
+def is_token_data(path: str) -> bool:
+    """Whether `path` is OLMo-style .npy token data (a file, or a directory of only those)."""
+    if os.path.isdir(path):
+        return _holds(path, data.TOKEN_SUFFIXES) and not _holds(path, data.TEXT_SUFFIXES)
+    return str(path).endswith(data.TOKEN_SUFFIXES)
+
+
+def _holds(directory: str, suffixes) -> bool:
+    try:
+        return bool(data.shard_paths(directory, suffixes))
+    except ConfigError:  # A directory without such files.
+        return False
 
 
 def sync_processes(name: str) -> None:
@@ -146,9 +166,7 @@ class Corpus:
 
 def load_corpus(spec: LmTrain, workdir: str) -> Corpus:
     """Tokens of the training corpus, training (once, saved in the workdir) a tokenizer if needed."""
-    if spec.data != "default" and any(str(spec.data).endswith(s) for s in data.TOKEN_SUFFIXES) \
-            or (os.path.isdir(spec.data) and data.shard_paths(spec.data, data.TOKEN_SUFFIXES)
-                and not data.shard_paths(spec.data)):
+    if spec.data != "default" and is_token_data(spec.data):
         token_corpus = data.TokenCorpus.from_token_files(spec.data, spec.vocab_size, spec.eos_id)
         return Corpus(token_corpus.tokens, spec.vocab_size, spec.eos_id)
     path = spec.data
