@@ -27,3 +27,16 @@ def is_number(value) -> bool:
     """True for real numbers (bools excluded)."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
         value, (bool, np.bool_))
+
+
+def require_process_slice(owner: str, global_batch: int, process_index: int,
+                          process_count: int) -> None:
+    """ConfigError unless process `process_index` of `process_count` can take an equal share
+    of `global_batch` rows."""
+    require(is_int(process_count) and process_count >= 1,
+            f"{owner}: process_count={process_count!r} must be an integer ≥ 1")
+    require(is_int(process_index) and 0 <= process_index < process_count,
+            f"{owner}: process_index={process_index!r} must be in [0, {process_count})")
+    require(global_batch % process_count == 0,
+            f"{owner}: global_batch={global_batch} is not divisible by "
+            f"process_count={process_count}")

@@ -5,7 +5,7 @@ devices, and resume cooperatively from the orbax checkpoints they wrote together
 Both runs use the mesh fsdp=2, so the parameters and optimiser state are sharded across the two
 processes (all-gathers and reduce-scatters go through gloo) and each process writes its own shards
 of the checkpoint; the batch is split by rows (process p feeds rows [p·b, (p+1)·b) of each global
-batch). Data: one small Dolma shard of pseudo-words written here from a fixed LCG, and the
+batch). Data: one small Dolma shard of pseudo-words (`lm_corpus.golden_documents`), and the
 pre-trained `tests/data/lm_tokenizer.json` (byte-level BPE, 512), so every process reads the same
 files and none writes any. All launches share a persistent XLA compilation cache.
 """
@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+from lm_corpus import golden_documents
 from rareret import store
 from rareret.lm import data
 
@@ -33,31 +34,10 @@ METRICS = ("step", "lm_loss", "task_loss", "task_accuracy")
 NUM_STEPS, RECORD_EVERY, CHECKPOINT_EVERY = 12, 4, 6
 
 
-def _documents(count: int = 120) -> list[data.Document]:
-    """~25 kB of pseudo-words from a fixed LCG: the same text on every install."""
-    x = 7
-
-    def draw(n):
-        nonlocal x
-        x = (1103515245 * x + 12345) % 2**31
-        return x % n
-
-    syllables = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "an", "el", "is", "bra",
-                 "che", "dri", "gro", "qua", "sti")
-    words = ["".join(syllables[draw(len(syllables))] for _ in range(1 + draw(3)))
-             for _ in range(200)]
-    documents = []
-    for i in range(count):
-        sentences = [" ".join(words[min(draw(200), draw(200))] for _ in range(4 + draw(9)))
-                     for _ in range(2 + draw(5))]
-        documents.append(data.Document(f"doc{i}", ". ".join(sentences).capitalize() + "."))
-    return documents
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """(Dolma shard, tokenizer.json)."""
-    shard = data.write_shard(tmp_path_factory.mktemp("lm_corpus") / "shard.jsonl.gz", _documents())
+    shard = data.write_shard(tmp_path_factory.mktemp("lm_corpus") / "shard.jsonl.gz", golden_documents())
     return shard, TOKENIZER
 
 

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec
 
 from rareret import sharding, store
 from rareret.errors import ConfigError
+from lm_corpus import golden_documents
 from rareret.lm import data, inject, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,33 +46,6 @@ TOKENIZER = pathlib.Path(__file__).resolve().parent / "data" / "lm_tokenizer.jso
 TASKS = (inject.TaskSpec(kind="cmp", name="cmp", frequency_per_token=2e-3, seed=1),
          inject.TaskSpec(kind="add", name="add", every_n=2, seed=2))
 RECORD_ARRAYS = ("step", "lm_loss", "task_loss", "task_accuracy")
-SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "an", "el", "is", "om", "ur",
-             "bra", "che", "dri", "fla", "gro", "pse", "qua", "sti", "tho", "wen")
-
-
-def golden_documents(count: int = 160) -> list[data.Document]:
-    """~30 kB of pseudo-words and numbers from a fixed LCG: the same text on every install."""
-    x = 20240601
-
-    def draw(n):
-        nonlocal x
-        x = (1103515245 * x + 12345) % 2**31
-        return x % n
-
-    lexicon = ["".join(SYLLABLES[draw(len(SYLLABLES))] for _ in range(1 + draw(3)))
-               for _ in range(300)]
-    documents = []
-    for i in range(count):
-        sentences = []
-        for _ in range(2 + draw(5)):
-            words = [lexicon[min(draw(300), draw(300))] for _ in range(4 + draw(9))]
-            if draw(4) == 0:
-                words.insert(draw(len(words)), str(draw(1000)))
-            sentences.append(" ".join(words).capitalize() + ".")
-        documents.append(data.Document(f"doc{i}", " ".join(sentences), "golden"))
-    return documents
-
-
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     return data.write_shard(tmp_path_factory.mktemp("corpus") / "golden.jsonl.gz",

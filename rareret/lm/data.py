@@ -37,7 +37,7 @@ import numpy as np
 import tokenizers
 import zstandard
 
-from rareret.errors import ConfigError, is_int, require
+from rareret.errors import ConfigError, is_int, require, require_process_slice
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".json.zst", ".jsonl.zst")
@@ -298,14 +298,10 @@ def make_dataset(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int, global
     `tokens`: a 1-D token stream or a sequence of them (e.g. `TokenCorpus.tokens`).
     """
     for name, value, low in (("seq_len", seq_len, 1), ("global_batch", global_batch, 1),
-                             ("seed", seed, 0), ("process_count", process_count, 1)):
+                             ("seed", seed, 0)):
         require(is_int(value) and value >= low,
                 f"make_dataset: {name}={value!r} must be an integer >= {low}")
-    require(is_int(process_index) and 0 <= process_index < process_count,
-            f"make_dataset: process_index={process_index!r} must be in [0, {process_count})")
-    require(global_batch % process_count == 0,
-            f"make_dataset: global_batch={global_batch} is not divisible by "
-            f"process_count={process_count}")
+    require_process_slice("make_dataset", global_batch, process_index, process_count)
     sequences = _Sequences(tokens, seq_len)
     require(len(sequences) >= global_batch,
             f"make_dataset: the corpus packs into {len(sequences)} sequences of {seq_len} tokens, "

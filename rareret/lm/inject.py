@@ -43,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rareret.errors import is_int, is_number, require
+from rareret.errors import is_int, is_number, require, require_process_slice
 
 KINDS = ("cmp", "add")
 NUM_VALUES = 100  # |S|.
@@ -195,16 +195,11 @@ class Injector:
 
     def __init__(self, tasks: Sequence[Task], global_batch: int, seq_len: int, eos_id: int,
                  seed: int = 0, process_index: int = 0, process_count: int = 1):
-        lows = {"global_batch": 1, "seq_len": INSTANCE_LEN, "eos_id": 0, "seed": 0,
-                "process_count": 1}
-        for name, value in zip(lows, (global_batch, seq_len, eos_id, seed, process_count)):
+        lows = {"global_batch": 1, "seq_len": INSTANCE_LEN, "eos_id": 0, "seed": 0}
+        for name, value in zip(lows, (global_batch, seq_len, eos_id, seed)):
             require(is_int(value) and value >= lows[name],
                     f"Injector.{name}={value!r} must be an integer ≥ {lows[name]}")
-        require(is_int(process_index) and 0 <= process_index < process_count,
-                f"Injector.process_index={process_index!r} must be in [0, {process_count})")
-        require(global_batch % process_count == 0,
-                f"Injector.global_batch={global_batch} must be divisible by "
-                f"process_count={process_count}")
+        require_process_slice("Injector", global_batch, process_index, process_count)
         names = [task.spec.name for task in tasks]
         require(len(names) >= 1 and len(set(names)) == len(names),
                 f"Injector: task names {names} must be unique, at least one task")
