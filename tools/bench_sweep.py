@@ -60,26 +60,12 @@ def useful_flops(sweep: sweep_lib.Sweep, mixture: tasks.TaskMixture) -> float:
     return float(total_width * (4 * batch * dim + 6 * batch * task_dim))
 
 
-def init_by_seed(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep):
-    """`SweepProgram(mixture, sweep).init()`, built one seed at a time.
-
-    A model's init depends only on (seed, width): concatenating single-seed states leaf by leaf
-    gives the same per-group [copies, …] arrays, and per-model flags that all start equal. The
-    direct call hangs here with 4 seeds (sometimes with 2): its batched QR (orthogonal init;
-    jaxlib's lapack_sgeqrf_ffi → ParallelBatchMap) waits for work queued on XLA's CPU pool from
-    inside both of that pool's two threads.
-    """
-    parts = [sweep_lib.SweepProgram(mixture, dataclasses.replace(sweep, seeds=(seed,))).init()
-             for seed in sweep.seeds]
-    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *parts)
-
-
 class Packed:
     """The packed sweep, timed one chunk of `chunk` steps at a time."""
 
     def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, chunk: int):
         self.program = sweep_lib.SweepProgram(mixture, sweep)
-        self.state, self.chunk, self.step = init_by_seed(mixture, sweep), chunk, 0
+        self.state, self.chunk, self.step = self.program.init(), chunk, 0
         self.run()  # Compiles.
 
     def run(self) -> float:

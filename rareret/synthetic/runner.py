@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from rareret import store
+from rareret.blas_threads import single_threaded_blas
 from rareret.checkpoint import Checkpoints
 from rareret.preemption import PreemptionGuard
 from rareret.analysis import retention
@@ -125,7 +126,7 @@ def run_sweep(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, workdir: str,
     progress = Progress(sweep.num_steps) if show_progress else None
     buffer = RecordBuffer(writer)
     last_saved = steps[first]
-    with PreemptionGuard() as guard:
+    with PreemptionGuard() as guard, single_threaded_blas():
         for index in range(first + 1, len(steps)):
             previous, step = steps[index - 1], steps[index]
             # Dispatched asynchronously: the host writes the previous record meanwhile.
