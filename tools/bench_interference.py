@@ -1,15 +1,17 @@
 """Wall-time overhead of recording gradient interference every 100 steps (issue: goal ≤ 5%).
 
-Runs the default CPU sweep (gin_configs/synthetic/default.gin: 20K steps unless --steps) end
-to end through `run_sweep` (training, metric records, tensorstore writes) with and without
-`Sweep.interference_every = 100`, alternating the two several times in this one process, and
-reports median wall times and their ratio. Every run builds its program anew, so a persistent
-compilation cache (filled by a warm-up run of each variant) keeps XLA compile time out of the
-timed runs.
+Trains the default CPU sweep (gin_configs/synthetic/default.gin: 20K steps unless --steps) twice
+in this one process, as `run_sweep` does (`runner.SweepRun`: training, metric records,
+tensorstore writes, checkpoints, one BLAS thread): once as configured and once with
+`Sweep.interference_every = 100`. The two runs advance in lockstep, taking turns one block of
+`record_every` steps at a time (the order alternates between blocks), and each block ends once
+its records are stored. On a machine whose speed drifts within seconds, comparing neighbouring
+blocks is what keeps the drift out of the ratio. The first block (compilation) is not counted.
 
-    python tools/bench_interference.py [--steps N] [--repeats 3] [--mode population]
+    python tools/bench_interference.py [--steps N] [--every 100] [--mode population]
 
-Prints a table, then one JSON line with `interference_overhead` (median with / median without − 1).
+Prints a table, then one JSON line with `interference_overhead`: the median over blocks of
+(seconds with ÷ seconds without) − 1; `total_ratio_overhead` is the same from the summed times.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import tempfile
 import time
 
 import gin
-import jax
+import numpy as np
 
+from rareret.blas_threads import single_threaded_blas
 from rareret.synthetic import runner, sweep, tasks
 
 DEFAULT_GIN = os.path.join(os.path.dirname(__file__), "..", "gin_configs", "synthetic",
@@ -40,48 +43,54 @@ def default_specs() -> tuple[tasks.TaskMixture, sweep.Sweep]:
     return mixture_cls(), sweep_cls()
 
 
-def timed_run(mixture, spec) -> float:
-    with tempfile.TemporaryDirectory() as workdir:
-        start = time.perf_counter()
-        runner.run_sweep(mixture, spec, workdir, show_progress=False)
-        return time.perf_counter() - start
+def timed_block(run: runner.SweepRun, end: int) -> float:
+    """Seconds to train `run` to step `end` and store its records."""
+    start = time.perf_counter()
+    while run.step < end:
+        run.advance()
+    run.drain()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="default: the config's Sweep.num_steps")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--mode", default="population", choices=sweep.INTERFERENCE_MODES)
     args = parser.parse_args()
     print(f"load average: {os.getloadavg()}")
-    cache = tempfile.mkdtemp(prefix="rareret_bench_cache_")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     mixture, base = default_specs()
     base = dataclasses.replace(base, num_steps=args.steps or base.num_steps)
     variants = {"without interference": base,
                 f"interference every {args.every} ({args.mode})": dataclasses.replace(
                     base, interference_every=args.every, interference_mode=args.mode)}
-    for spec in variants.values():  # Warm-up: compiles every program once, into the cache.
-        timed_run(mixture, spec)
-    times = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, spec in variants.items():
-            times[name].append(timed_run(mixture, spec))
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    without, with_ = medians.values()
-    print(f"\n{'variant':<40} {'median s':>9} {'runs (s)':>30}")
-    for name, values in times.items():
-        print(f"{name:<40} {medians[name]:9.2f} {' '.join(f'{v:.2f}' for v in values):>30}")
-    overhead = with_ / without - 1
-    print(f"\nshapes: widths {list(base.widths)}, K={mixture.num_tasks}, d_T={mixture.task_dim}, "
+    ends = list(range(base.record_every, base.num_steps, base.record_every)) + [base.num_steps]
+    seconds = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as root, single_threaded_blas():
+        runs = {name: runner.SweepRun(mixture, spec, os.path.join(root, str(i)))
+                for i, (name, spec) in enumerate(variants.items())}
+        for block, end in enumerate(ends):
+            order = list(runs) if block % 2 == 0 else list(runs)[::-1]
+            for name in order:
+                seconds[name].append(timed_block(runs[name], end))
+        for run in runs.values():
+            run.close()
+    without, with_ = (np.asarray(values[1:]) for values in seconds.values())
+    overhead = statistics.median(with_ / without) - 1
+    total_overhead = with_.sum() / without.sum() - 1
+    print(f"\n{'variant':<40} {'total s':>8} {'median block s':>15}")
+    for name, values in zip(variants, (without, with_)):
+        print(f"{name:<40} {values.sum():8.2f} {np.median(values):15.3f}")
+    quartiles = np.percentile(with_ / without - 1, [25, 75])
+    print(f"\nper-block overhead: median {overhead:+.2%}, quartiles {quartiles[0]:+.2%} "
+          f"{quartiles[1]:+.2%} over {len(without)} blocks; summed times {total_overhead:+.2%}")
+    print(f"shapes: widths {list(base.widths)}, K={mixture.num_tasks}, d_T={mixture.task_dim}, "
           f"D={mixture.input_dim}, B={base.batch_size}, {base.num_steps} steps, "
           f"record_every={base.record_every}")
-    print(json.dumps({"interference_overhead": round(overhead, 4), "steps": base.num_steps,
-                      "every": args.every, "mode": args.mode,
-                      "median_s_without": round(without, 3), "median_s_with": round(with_, 3)}))
+    print(json.dumps({"interference_overhead": round(overhead, 4),
+                      "total_ratio_overhead": round(total_overhead, 4),
+                      "blocks": len(without), "steps": base.num_steps, "every": args.every,
+                      "mode": args.mode}))
 
 
 if __name__ == "__main__":

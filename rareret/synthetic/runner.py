@@ -104,59 +104,95 @@ def run_sweep(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, workdir: str,
     after it are rolled back and recomputed). On SIGTERM/SIGINT it commits the records, saves a
     checkpoint at the current record and returns False; it returns True once the run is done.
     """
-    program = sweep_lib.SweepProgram(mixture, sweep, injection)
-    os.makedirs(workdir, exist_ok=True)
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
-    metrics_dir = os.path.join(workdir, "metrics")
-    steps = sweep.record_steps(injection)
-    latest = checkpoints.latest()
-    if latest is None:
-        with open(os.path.join(workdir, "spec.json"), "w") as f:
-            json.dump(spec_dict(mixture, sweep, injection), f, indent=2)
-        writer = store.MetricWriter.create(metrics_dir, record_specs(program),
-                                           coordinate_arrays(program), overwrite=True)
-        state, first = program.init(), 0
-        pending = program.record(state, 0, np.full(program.layout.num_models, np.nan, np.float32))
-    else:
-        state, _ = checkpoints.restore(latest, program.abstract_state())
-        writer = store.MetricWriter.open(metrics_dir)
-        first = steps.index(latest)
-        writer.truncate(first + 1)  # The record at the checkpoint is committed; later ones go.
-        pending = None
+    run = SweepRun(mixture, sweep, workdir, injection)
     progress = Progress(sweep.num_steps) if show_progress else None
-    buffer = RecordBuffer(writer)
-    last_saved = steps[first]
     with PreemptionGuard() as guard, single_threaded_blas():
-        for index in range(first + 1, len(steps)):
-            previous, step = steps[index - 1], steps[index]
-            # Dispatched asynchronously: the host writes the previous record meanwhile.
-            state, train_loss_M = program.train_chunk(state, step - previous, previous)
-            row = program.record(state, step, train_loss_M)
-            if pending is not None:
-                buffer.add(jax.device_get(pending))
-            pending = row
-            done = index == len(steps) - 1
-            if done or guard.requested or step // sweep.checkpoint_every > last_saved // \
-                    sweep.checkpoint_every:
-                buffer.add(jax.device_get(pending))
-                pending = None
-                buffer.flush()
-                checkpoints.save(step, state)
-                last_saved = step
-                if guard.requested and not done:
-                    print(f"preempted: saved step {step}; re-run the same command to resume",
-                          file=sys.stderr)
-                    checkpoints.close()
-                    return False
+        while not run.done:
+            run.advance(save=guard.requested)
+            if guard.requested and not run.done:
+                print(f"preempted: saved step {run.step}; re-run the same command to resume",
+                      file=sys.stderr)
+                run.close()
+                return False
             if progress:
-                progress.update(step, buffer.summary)
-    if pending is not None:  # Only when there was nothing left to train.
-        buffer.add(jax.device_get(pending))
-    buffer.flush()
-    checkpoints.close()
-    if injection:
-        write_retention(writer, program)
+                progress.update(run.step, run.buffer.summary)
+    run.close()
     return True
+
+
+class SweepRun:
+    """A sweep's training loop in a workdir, advanced one record at a time.
+
+    Opening it starts the run (spec, arrays, the step-0 record) or resumes it from the latest
+    checkpoint, rolling back the records after it. Each `advance` trains to the next record step
+    and dispatches that record asynchronously; the host stores the previous record meanwhile.
+    """
+
+    def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, workdir: str,
+                 injection: tasks.Injection | None = None):
+        self.program = program = sweep_lib.SweepProgram(mixture, sweep, injection)
+        os.makedirs(workdir, exist_ok=True)
+        self.checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+        metrics_dir = os.path.join(workdir, "metrics")
+        self.steps = sweep.record_steps(injection)
+        latest = self.checkpoints.latest()
+        if latest is None:
+            with open(os.path.join(workdir, "spec.json"), "w") as f:
+                json.dump(spec_dict(mixture, sweep, injection), f, indent=2)
+            self.writer = store.MetricWriter.create(metrics_dir, record_specs(program),
+                                                    coordinate_arrays(program), overwrite=True)
+            self.state, self.index = program.init(), 0
+            self.pending = program.record(
+                self.state, 0, np.full(program.layout.num_models, np.nan, np.float32))
+        else:
+            self.state, _ = self.checkpoints.restore(latest, program.abstract_state())
+            self.writer = store.MetricWriter.open(metrics_dir)
+            self.index = self.steps.index(latest)
+            # The record at the checkpoint is committed; later ones go.
+            self.writer.truncate(self.index + 1)
+            self.pending = None
+        self.buffer = RecordBuffer(self.writer)
+        self.last_saved = self.step
+
+    @property
+    def step(self) -> int:
+        """Steps trained so far (the step of the latest record)."""
+        return self.steps[self.index]
+
+    @property
+    def done(self) -> bool:
+        return self.index == len(self.steps) - 1
+
+    def advance(self, save: bool = False) -> None:
+        """Trains to the next record step and records it. Commits every record and saves a
+        checkpoint when `save`, at the last step, and past each multiple of checkpoint_every."""
+        previous = self.step
+        self.index += 1
+        self.state, train_loss_M = self.program.train_chunk(
+            self.state, self.step - previous, previous)
+        row = self.program.record(self.state, self.step, train_loss_M)
+        self.drain()
+        self.pending = row
+        every = self.program.sweep.checkpoint_every
+        if save or self.done or self.step // every > self.last_saved // every:
+            self.drain()
+            self.buffer.flush()
+            self.checkpoints.save(self.step, self.state)
+            self.last_saved = self.step
+
+    def drain(self) -> None:
+        """Waits for the record in flight and hands it to the buffer."""
+        if self.pending is not None:
+            self.buffer.add(jax.device_get(self.pending))
+            self.pending = None
+
+    def close(self) -> None:
+        """Commits every record; once the run is done, adds the retention arrays."""
+        self.drain()
+        self.buffer.flush()
+        self.checkpoints.close()
+        if self.done and self.program.injection:
+            write_retention(self.writer, self.program)
 
 
 class RecordBuffer:
