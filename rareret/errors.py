@@ -29,6 +29,14 @@ def is_number(value) -> bool:
         value, (bool, np.bool_))
 
 
+def require_int_fields(spec, minimum: int, *names: str) -> None:
+    """ConfigError unless each named field of dataclass `spec` is an integer ≥ `minimum`."""
+    for name in names:
+        value = getattr(spec, name)
+        require(is_int(value) and value >= minimum,
+                f"{type(spec).__name__}.{name}={value!r} must be an integer ≥ {minimum}")
+
+
 def require_process_slice(owner: str, global_batch: int, process_index: int,
                           process_count: int) -> None:
     """ConfigError unless process `process_index` of `process_count` can take an equal share

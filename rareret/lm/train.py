@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from rareret import sharding, store
 from rareret.checkpoint import Checkpoints
 from rareret.preemption import PreemptionGuard
-from rareret.errors import ConfigError, is_int, is_number, require
+from rareret.errors import ConfigError, is_number, require, require_int_fields
 from rareret.lm import corpus, data, inject, ladder
 from rareret.lm import model as lm_model
 from rareret.progress import Progress
@@ -92,13 +92,9 @@ class LmTrain:
     mesh: sharding.MeshSpec = sharding.MeshSpec()
 
     def __post_init__(self):
-        for name in ("vocab_size", "seq_len", "global_batch", "num_steps", "record_every",
-                     "checkpoint_every", "eval_instances"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 1, f"LmTrain.{name}={value!r} must be an integer ≥ 1")
-        for name in ("warmup_steps", "seed", "eos_id"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 0, f"LmTrain.{name}={value!r} must be an integer ≥ 0")
+        require_int_fields(self, 1, "vocab_size", "seq_len", "global_batch", "num_steps",
+                           "record_every", "checkpoint_every", "eval_instances")
+        require_int_fields(self, 0, "warmup_steps", "seed", "eos_id")
         require(self.warmup_steps < self.num_steps, f"LmTrain.warmup_steps={self.warmup_steps} "
                 f"must be < num_steps={self.num_steps} (warm-up, then cosine decay to the end)")
         require(is_number(self.learning_rate) and 0 < self.learning_rate < math.inf,

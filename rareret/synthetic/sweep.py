@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from rareret import interference
-from rareret.errors import is_int, is_number, require
+from rareret.errors import is_int, is_number, require, require_int_fields
 from rareret.progress import Progress
 from rareret.synthetic import model, optim, tasks, theory
 
@@ -72,15 +72,12 @@ class Sweep:
         for rate in self.learning_rates:
             require(is_number(rate) and 0 < rate < math.inf,
                     f"Sweep.learning_rate={rate!r} must be a finite number > 0")
-        for name in ("batch_size", "num_steps", "record_every", "tile_size", "checkpoint_every"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 1, f"Sweep.{name}={value!r} must be an integer ≥ 1")
+        require_int_fields(self, 1, "batch_size", "num_steps", "record_every", "tile_size",
+                           "checkpoint_every")
         require(self.interference_mode in INTERFERENCE_MODES,
                 f"Sweep.interference_mode={self.interference_mode!r} is not one of "
                 f"{list(INTERFERENCE_MODES)}")
-        for name in ("warmup_steps", "data_seed", "interference_every"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 0, f"Sweep.{name}={value!r} must be an integer ≥ 0")
+        require_int_fields(self, 0, "warmup_steps", "data_seed", "interference_every")
         require(is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf,
                 f"Sweep.weight_decay={self.weight_decay!r} must be a finite number ≥ 0")
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rareret.errors import is_int, is_number, require
+from rareret.errors import is_int, is_number, require, require_int_fields
 
 ENERGY_FRACTION = 0.9  # "number of directions holding 90% of the energy" (PAPER.md §1).
 
@@ -88,10 +88,7 @@ class TaskMixture:
     complexity_range: Sequence[int] | None = None
 
     def __post_init__(self):
-        for name in ("num_tasks", "task_dim", "input_dim"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 1,
-                    f"TaskMixture.{name}={value!r} must be an integer ≥ 1")
+        require_int_fields(self, 1, "num_tasks", "task_dim", "input_dim")
         used = self.num_tasks * self.task_dim
         require(used <= self.input_dim,
                 f"TaskMixture: num_tasks × task_dim = {self.num_tasks}×{self.task_dim} = {used} "
