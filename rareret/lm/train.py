@@ -209,8 +209,8 @@ class LmProgram:
                                         remat=spec.remat, max_seq_len=max(spec.seq_len, 16))
         self.tx = optimizer(spec)
         param_sh = sharding.logical_sharding(lm_model.logical_partition_specs(self.config), mesh)
-        sharding.check_divisible(lm_model.param_shapes(self.config), param_sh)
         abstract_params = lm_model.param_shapes(self.config)
+        sharding.check_divisible(abstract_params, param_sh)
         opt_sh = optax.tree_map_params(
             self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, abstract_params), param_sh,
             transform_non_params=lambda _: sharding.replicated(mesh))
@@ -323,7 +323,7 @@ def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> bool:
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
     metrics_dir = os.path.join(workdir, "metrics")
     task_names = [t.name for t in spec.tasks]
-    start, pending = checkpoints.latest(), []
+    start, pending, losses = checkpoints.latest(), [], []
     if start is None:
         start, state = 0, program.init()
         writer = (store.MetricWriter.create(metrics_dir, record_specs(len(tasks), task_names),
@@ -341,11 +341,16 @@ def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> bool:
     progress = Progress(spec.num_steps) if show_progress and writer_process else None
     tokens_per_step = spec.global_batch * spec.seq_len
 
+    def collect(done: int) -> None:
+        """Moves the step losses in flight to `pending`; stops on a non-finite one."""
+        pending.extend(float(x) for x in jax.device_get(losses))
+        losses.clear()
+        require(all(math.isfinite(x) for x in pending),
+                f"LM training diverged by step {done}: non-finite loss; the last good checkpoint "
+                f"is step {checkpoints.latest()}")
+
     def record(step: int) -> None:
         lm_loss = float(np.mean(pending)) if pending else float("nan")
-        if not math.isfinite(lm_loss) and pending:
-            raise ConfigError(f"LM training diverged by step {step}: mean loss {lm_loss}; the last "
-                              f"good checkpoint is step {checkpoints.latest()}")
         row = {"step": np.int64(step), "lm_loss": np.float32(lm_loss),
                **program.evaluate(state["params"], evals)}
         if writer:
@@ -355,14 +360,9 @@ def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> bool:
     if start == 0:
         record(0)
     started = time.perf_counter()
-    losses = []
 
     def save(done: int) -> None:
-        pending.extend(float(x) for x in jax.device_get(losses))
-        losses.clear()
-        require(all(math.isfinite(x) for x in pending),
-                f"LM training diverged by step {done}: non-finite loss; the last good checkpoint "
-                f"is step {checkpoints.latest()}")
+        collect(done)
         checkpoints.save(done, state, iterator, {"pending_losses": pending})
 
     with PreemptionGuard() as guard:
@@ -372,8 +372,7 @@ def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> bool:
             losses.append(loss)
             done = step + 1
             if done % spec.record_every == 0 or done == spec.num_steps:
-                pending.extend(float(x) for x in jax.device_get(losses))
-                losses.clear()
+                collect(done)
                 record(done)
             if done % spec.checkpoint_every == 0 or done == spec.num_steps:
                 save(done)
