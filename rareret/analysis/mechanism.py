@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rareret.analysis import phase, retention  # noqa: E402
+from rareret.analysis import phase  # noqa: E402
 from rareret.synthetic import tasks, theory  # noqa: E402
 
 

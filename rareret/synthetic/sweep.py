@@ -23,7 +23,6 @@ import optax
 
 from rareret import interference
 from rareret.errors import is_int, is_number, require, require_int_fields
-from rareret.progress import Progress
 from rareret.synthetic import model, optim, tasks, theory
 
 INTERFERENCE_MODES = ("population", "sampled")
