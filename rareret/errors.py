@@ -18,6 +18,11 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (for the one-line errors the CLI prints)."""
+    return " ".join(str(error).split())
+
+
 def is_int(value) -> bool:
     """True for Python/numpy integers, False for bools (which Python counts as ints)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -20,7 +20,7 @@ import gin
 from absl import app, flags, logging
 
 from rareret import sharding
-from rareret.errors import ConfigError, require
+from rareret.errors import ConfigError, one_line, require
 from rareret.lm import inject
 from rareret.lm import train as lm_train
 from rareret.synthetic import runner, tasks
@@ -176,10 +176,6 @@ def initialize_distributed(coordinator_address, num_processes, process_id) -> No
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def rewrite_gin_args(argv: list[str]) -> list[str]:

@@ -37,7 +37,7 @@ import numpy as np
 import tokenizers
 import zstandard
 
-from rareret.errors import ConfigError, is_int, require, require_process_slice
+from rareret.errors import ConfigError, is_int, one_line, require, require_process_slice
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".json.zst", ".jsonl.zst")
@@ -52,10 +52,6 @@ class Document(NamedTuple):
     id: str
     text: str
     source: str | None = None
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 # ----------------------------------------------------------------------------- Dolma shards
@@ -108,7 +104,7 @@ def read_shard(path: str | os.PathLike) -> Iterator[Document]:
                     count += 1
                     yield _parse(path, lineno, line)
     except _DECODE_ERRORS as e:
-        raise ConfigError(f"{path}:{lineno + 1}: unreadable ({_one_line(e)})") from None
+        raise ConfigError(f"{path}:{lineno + 1}: unreadable ({one_line(e)})") from None
     require(count > 0, f"{path}: empty shard (no documents)")
 
 
@@ -159,7 +155,7 @@ def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
     try:
         tokenizer = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises bare `Exception` for malformed files.
-        raise ConfigError(f"{path}: not a tokenizer.json ({_one_line(e)})") from None
+        raise ConfigError(f"{path}: not a tokenizer.json ({one_line(e)})") from None
     require(tokenizer.token_to_id(EOS) is not None, f"{path}: tokenizer has no {EOS} token")
     tokenizer.encode_special_tokens = True
     return tokenizer
@@ -213,7 +209,7 @@ def load_token_file(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
     try:
         tokens = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a .npy array ({_one_line(e)})") from None
+        raise ConfigError(f"{path}: not a .npy array ({one_line(e)})") from None
     require(tokens.ndim == 1 and tokens.dtype in (np.uint16, np.uint32) and len(tokens) > 0,
             f"{path}: expected a non-empty 1-D uint16/uint32 array, got {tokens.dtype} "
             f"{tokens.shape}")
