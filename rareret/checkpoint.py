@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -45,8 +44,3 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def abstract(state):
-    """ShapeDtypeStructs (with shardings) of a state or of `jax.eval_shape`'s output."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
