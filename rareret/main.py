@@ -19,7 +19,7 @@ import sys
 import gin
 from absl import app, flags, logging
 
-from rareret import sharding
+from rareret import host_malloc, sharding
 from rareret.errors import ConfigError, one_line, require
 from rareret.lm import inject
 from rareret.lm import train as lm_train
@@ -63,6 +63,7 @@ def run(workdir: str, experiment: str = "synthetic",
     require(experiment in EXPERIMENTS,
             f"run.experiment={experiment!r} is not one of {list(EXPERIMENTS)}")
     if experiment == "lm":
+        host_malloc.reuse_freed_memory()  # Before JAX's CPU backend starts (see the module).
         spec = LmTrain()
         lm_train.check_inputs(spec)
         claim_workdir(workdir, lm_train.spec_dict(spec))

@@ -115,7 +115,8 @@ def test_remat_changes_nothing(tiny_model):
         return jax.value_and_grad(loss)(params)
 
     plain, remat = loss_and_grads(config), loss_and_grads(dataclasses.replace(config, remat=True))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), plain, remat)
+    # float32 rounding only: XLA may fuse the recomputed forward differently.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, remat)
 
 
 def test_hidden_states(tiny_model):

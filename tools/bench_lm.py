@@ -21,7 +21,9 @@ inherit` keeps the environment's policy). After a warm-up (compilation, first st
 `--reps` repetitions times a block of `--steps` steps of each side in turn (JAX blocks end with
 block_until_ready), then the GEMM probes below; every figure is the median over repetitions.
 The first-step losses of the two sides are printed: equal, they show that both train the same
-model on the same batch.
+model on the same batch. Like the CLI's LM runs, the process first sets glibc malloc to reuse
+freed memory (`rareret.host_malloc`); torch allocates through the same malloc, so both sides run
+under it.
 
 GPU mode (issue goal: MFU ≥ 45% at 300M on an H100): rareret alone, at the `--models` rungs
 (default 20M and 300M) with bfloat16 compute (float32 params and optimiser state) and cuDNN flash
@@ -52,6 +54,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from rareret import host_malloc
 
 NOMINAL_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, SXM parts.
 
@@ -379,6 +383,8 @@ def main() -> None:
     args.batch = args.batch or (32 if gpu else 16)
     args.steps = args.steps or (10 if gpu else 5)
     print(uptime(), flush=True)
+    # As the CLI's LM runs do, before JAX and torch start threads; both sides run under it.
+    print(f"glibc malloc set to reuse freed memory: {host_malloc.reuse_freed_memory()}")
     if not gpu:  # Before jax and torch are imported.
         os.environ["JAX_PLATFORMS"] = "cpu"
         if args.omp_wait_policy != "inherit":

@@ -1,0 +1,36 @@
+"""Makes glibc's malloc reuse freed memory, so XLA CPU steps stop paying for page faults.
+
+XLA's CPU runtime allocates every execution's temporaries afresh. glibc serves a large block
+with mmap (or from a per-thread arena, whose heaps are capped at 64 MiB) and unmaps it again when
+it is freed, so each step touches tens of MiB of new pages: measured on 2 cores, a 4-layer MLP
+stack's training step took 12,800-24,900 minor page faults per call and ran at 40% of the GEMM
+rate; with the settings below the faults fell to a few hundred and the step ran 1.9× faster
+(the `cpu-small` LM step 1.6×). glibc then keeps the process's peak heap for reuse.
+
+Only long-running training processes call this (the CLI's LM runs, the LM benchmark), before
+JAX starts its CPU backend: threads created earlier keep the arena they already have. The toy
+sweep does not: it runs whole chunks of steps as one execution, allocates little per step, and
+measured slower with a single arena.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+# mallopt parameters, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_NEVER_TRIM = 2**30  # Bytes of free heap top kept before glibc returns memory to the OS.
+
+
+def reuse_freed_memory() -> bool:
+    """Sets glibc malloc to one arena, no mmap'd blocks and no trimming; False off glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):  # Not glibc (macOS, musl, Windows).
+        return False
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
+    return all(mallopt(param, value) == 1 for param, value in settings)

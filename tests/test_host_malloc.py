@@ -1,0 +1,44 @@
+"""After `reuse_freed_memory`, a worker thread that allocates, touches and frees a large block
+again and again stops taking fresh page faults (glibc reuses the block instead of unmapping it).
+Each case runs in a fresh interpreter, since malloc settings are process-wide."""
+
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import ctypes, ctypes.util, resource, sys, threading
+from rareret import host_malloc
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 96 * 2**20  # Above the 64 MiB cap of a thread arena's heap.
+if sys.argv[1] == "reuse":
+    assert host_malloc.reuse_freed_memory()
+faults = []
+def work():  # A new thread, as XLA's executors are: it gets its arena on its first malloc.
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(SIZE)
+        ctypes.memset(block, 1, SIZE)
+        libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(max(faults[1:]))
+"""
+
+
+def faults_per_reuse(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_freed_blocks_are_reused_without_page_faults():
+    pages = 96 * 2**20 // 4096
+    assert faults_per_reuse("default") > pages // 2  # Fresh pages on every allocation.
+    assert faults_per_reuse("reuse") < pages // 20
