@@ -30,12 +30,13 @@ class Progress:
         if self._start_time is None:
             self._start_time, self._start_count = now, done
         elapsed, progressed = now - self._start_time, done - self._start_count
-        rate = progressed / elapsed if elapsed > 0 and progressed > 0 else float("nan")
-        eta = (self.total - done) / rate if rate == rate and rate > 0 else float("nan")
+        measured = elapsed > 0 and progressed > 0
+        rate = progressed / elapsed if measured else 0.0
         width = 24
         filled = int(width * done / max(self.total, 1))
         line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {self.label}"
-                f"  {rate:7.1f} {self.label}/s  ETA {format_seconds(eta) if eta == eta else '?'}"
+                f"  {f'{rate:7.1f}' if measured else '      ?'} {self.label}/s"
+                f"  ETA {format_seconds((self.total - done) / rate) if measured else '?'}"
                 f"  {extra}")
         if self.interactive:
             self.stream.write("\r" + line)
