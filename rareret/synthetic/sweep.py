@@ -216,12 +216,19 @@ class SweepProgram:
             task_SxB)
         return x_BxD, y_SxBxT, task_SxB
 
-    def _train_step(self, step, carry):
-        state, loss_sum_M = carry
-        params, opt_state = state["params"], state["opt_state"]
+    def _tiled_batch(self, step):
+        """Step `step`'s batch with each stream's task tiles: (x_BxD, y_SxBxT, tiles)."""
         x_BxD, y_SxBxT, task_SxB = self.batch(step)
         tiles = jax.vmap(lambda task_B: model.task_tiles(
             task_B, self.mixture.num_tasks, self.sweep.tile_size))(task_SxB)
+        return x_BxD, y_SxBxT, tiles
+
+    def _train_step(self, step, carry):
+        state, loss_sum_M, (x_BxD, y_SxBxT, tiles) = carry
+        # The next batch does not depend on this step, so XLA's CPU runtime generates it while
+        # this step's small decoder ops run.
+        upcoming = self._tiled_batch(step + 1)
+        params, opt_state = state["params"], state["opt_state"]
 
         def total_loss(p):
             losses_M = model.losses(p, x_BxD, y_SxBxT, tiles)
@@ -253,7 +260,7 @@ class SweepProgram:
             jnp.any(diverged_M), frozen_kept,
             lambda: (tuple(u[0] for u in updated), tuple(u[1] for u in updated)))
         state = {"params": new_params, "opt_state": new_opt_state, "diverged": diverged_M}
-        return state, loss_sum_M + losses_M
+        return state, loss_sum_M + losses_M, upcoming
 
     def _train_chunk(self, state, num_steps, first_step):
         """`num_steps` steps from `first_step`; returns the new state and the mean loss [M].
@@ -262,8 +269,9 @@ class SweepProgram:
         and flagged in `state["diverged"]`; the others are unaffected.
         """
         zero_M = jnp.zeros(self.layout.num_models, jnp.float32)
-        state, loss_sum_M = jax.lax.fori_loop(first_step, first_step + num_steps,
-                                              self._train_step, (state, zero_M))
+        state, loss_sum_M, _ = jax.lax.fori_loop(
+            first_step, first_step + num_steps, self._train_step,
+            (state, zero_M, self._tiled_batch(first_step)))
         return state, loss_sum_M / num_steps
 
     def record(self, state: dict, step: int, train_loss_M) -> dict:
