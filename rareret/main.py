@@ -65,10 +65,10 @@ def run(workdir: str, experiment: str = "synthetic",
     if experiment == "lm":
         host_malloc.reuse_freed_memory()  # Before JAX's CPU backend starts (see the module).
         spec = LmTrain()
-        lm_train.check_inputs(spec)
+        inputs = lm_train.read_inputs(spec)
         claim_workdir(workdir, lm_train.spec_dict(spec))
         write_config(workdir)
-        finish(lm_train.run_lm(spec, workdir))
+        finish(lm_train.run_lm(spec, workdir, inputs=inputs))
         return
     base, sweep = TaskMixture(), Sweep()
     jobs = [(workdir, base)]

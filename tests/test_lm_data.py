@@ -96,7 +96,7 @@ def test_tokenizer_saves_reloads_and_round_trips(tokenizer, tmp_path):
 
 def test_packing_round_trip(default_corpus, tokenizer):
     texts = [doc.text for doc in data.read_documents(default_corpus)]
-    corpus = TokenCorpus.from_documents(default_corpus, tokenizer)
+    corpus = TokenCorpus.from_documents(data.read_documents(default_corpus), tokenizer)
     (stream,) = corpus.tokens
     assert (corpus.vocab_size, corpus.eos_id) == (512, tokenizer.token_to_id(EOS))
     assert np.count_nonzero(stream == corpus.eos_id) == len(texts) and stream[-1] == corpus.eos_id

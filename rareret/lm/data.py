@@ -228,10 +228,10 @@ class TokenCorpus:
     eos_id: int
 
     @classmethod
-    def from_documents(cls, path: str | os.PathLike,
+    def from_documents(cls, documents: Iterable[Document],
                        tokenizer: tokenizers.Tokenizer) -> TokenCorpus:
-        """Tokenises every document of a Dolma shard / directory into one stream."""
-        stream = tokenize((doc.text for doc in read_documents(path)), tokenizer)
+        """Tokenises documents (e.g. `read_documents(path)`) into one stream."""
+        stream = tokenize((doc.text for doc in documents), tokenizer)
         return cls((stream,), tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
 
     @classmethod

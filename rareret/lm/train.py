@@ -113,20 +113,28 @@ class LmTrain:
                           remat=self.remat)  # Validates the model fields.
 
 
-def check_inputs(spec: LmTrain) -> None:
-    """Reads and validates everything `run_lm` will read (mesh, data, tokenizer), so bad input
-    fails before the workdir is touched."""
+@dataclasses.dataclass
+class UserData:
+    """The run's data as read and validated before the workdir is touched: token files
+    (memory-mapped) or a text corpus's documents; neither for the embedded default corpus."""
+
+    tokens: data.TokenCorpus | None = None
+    documents: list[data.Document] | None = None
+
+
+def read_inputs(spec: LmTrain) -> UserData:
+    """Reads and validates everything `run_lm` will read (mesh, tokenizer, data), so bad input
+    fails before the workdir is touched; the data is kept, so it is read only once."""
     spec.mesh.resolve(jax.device_count())
     if spec.tokenizer:
         data.load_tokenizer(spec.tokenizer)
     if spec.data == "default":
-        return
+        return UserData()
     require(os.path.exists(spec.data), f"LmTrain.data={spec.data}: no such file or directory")
     if is_token_data(spec.data):
-        data.TokenCorpus.from_token_files(spec.data, spec.vocab_size, spec.eos_id)
-    else:
-        for _ in data.read_documents(spec.data):
-            pass
+        return UserData(tokens=data.TokenCorpus.from_token_files(spec.data, spec.vocab_size,
+                                                                 spec.eos_id))
+    return UserData(documents=list(data.read_documents(spec.data)))
 
 
 def is_token_data(path: str) -> bool:
@@ -160,27 +168,29 @@ class Corpus:
     eos_id: int
 
 
-def load_corpus(spec: LmTrain, workdir: str) -> Corpus:
-    """Tokens of the training corpus, training (once, saved in the workdir) a tokenizer if needed."""
-    if spec.data != "default" and is_token_data(spec.data):
-        token_corpus = data.TokenCorpus.from_token_files(spec.data, spec.vocab_size, spec.eos_id)
-        return Corpus(token_corpus.tokens, spec.vocab_size, spec.eos_id)
-    path = spec.data
-    if path == "default":  # Process 0 writes the shared workdir's files; the others wait.
+def load_corpus(spec: LmTrain, workdir: str, inputs: UserData) -> Corpus:
+    """Tokens of the training corpus, training (once, saved in the workdir) a tokenizer if needed.
+
+    Takes `inputs.documents` (they are dropped once tokenised).
+    """
+    if inputs.tokens:
+        return Corpus(inputs.tokens.tokens, spec.vocab_size, spec.eos_id)
+    documents, inputs.documents = inputs.documents, None
+    if documents is None:  # The embedded corpus: process 0 writes it; the others wait.
         path = os.path.join(workdir, "data", "stdlib_docs.json.gz")
         if jax.process_index() == 0:
             corpus.write_default_corpus(path)
         sync_processes("rareret.lm: default corpus written")
+        documents = list(data.read_documents(path))
     if spec.tokenizer:
         tokenizer = data.load_tokenizer(spec.tokenizer)
     else:
         saved = os.path.join(workdir, "tokenizer.json")
         if jax.process_index() == 0 and not os.path.exists(saved):
-            data.train_tokenizer((d.text for d in data.read_documents(path)), spec.vocab_size,
-                                 saved)
+            data.train_tokenizer((d.text for d in documents), spec.vocab_size, saved)
         sync_processes("rareret.lm: tokenizer trained")
         tokenizer = data.load_tokenizer(saved)
-    token_corpus = data.TokenCorpus.from_documents(path, tokenizer)
+    token_corpus = data.TokenCorpus.from_documents(documents, tokenizer)
     return Corpus(token_corpus.tokens, token_corpus.vocab_size, token_corpus.eos_id)
 
 
@@ -304,14 +314,20 @@ def spec_dict(spec: LmTrain) -> dict:
                                                             default=list))}
 
 
-def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True) -> bool:
-    """Trains (or resumes) the LM run in `workdir`; False if stopped early by SIGTERM/SIGINT."""
+def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True,
+           inputs: UserData | None = None) -> bool:
+    """Trains (or resumes) the LM run in `workdir`; False if stopped early by SIGTERM/SIGINT.
+
+    `inputs`: the data from `read_inputs(spec)`, if the caller validated it already.
+    """
+    if inputs is None:
+        inputs = read_inputs(spec)
     mesh = sharding.make_mesh(spec.mesh)
     writer_process = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     # Every process has claimed (maybe cleared) the shared workdir before any writes into it.
     sync_processes("rareret.lm: workdir claimed")
-    text = load_corpus(spec, workdir)
+    text = load_corpus(spec, workdir, inputs)
     program = LmProgram(spec, text.vocab_size, mesh)
     tasks = [inject.build_task(t, text.vocab_size, reserved=(text.eos_id,)) for t in spec.tasks]
     injector = inject.Injector(tasks, spec.global_batch, spec.seq_len, text.eos_id,
