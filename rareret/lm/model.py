@@ -62,8 +62,8 @@ class OlmoConfig:
     """Size and numerics of one OLMo-style model.
 
     `mlp_ratio` is the fused up-projection size over d_model (8 in OLMo: up-proj 8·D, hidden 4·D).
-    `attention` picks `jax.nn.dot_product_attention`'s backend: "xla" anywhere, "cudnn" (flash
-    attention) on NVIDIA GPUs with bfloat16 compute.
+    `attention`: "xla" (plain masked-softmax attention, any backend) or "cudnn" (the flash kernel
+    of `jax.nn.dot_product_attention`, NVIDIA GPUs with bfloat16 compute).
     """
 
     d_model: int
