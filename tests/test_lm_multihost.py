@@ -56,10 +56,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, bindings, log, devices=1, process_id=None, port=None):
-    """A `python -m rareret.main` subprocess on CPU with `devices` local devices."""
+def _launch(workdir, bindings, log, devices=1, process_id=None, port=None, extra=()):
+    """A `python -m rareret.main` subprocess on CPU with `devices` local devices; `extra`
+    bindings come after `bindings`."""
     argv = [sys.executable, "-m", "rareret.main", f"--gin_file={TINY_GIN}",
-            *[f"--gin_bindings={b}" for b in bindings], f"--workdir={workdir}", "--noreport"]
+            *[f"--gin_bindings={b}" for b in (*bindings, *extra)], f"--workdir={workdir}",
+            "--noreport"]
     if process_id is not None:
         argv += ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
                  "--num_processes=2", f"--process_id={process_id}"]
@@ -161,3 +163,28 @@ def test_two_processes_match_one_process_with_two_devices_and_resume(corpus, tmp
     _run(bindings, _pair(multi))
     _assert_same(_metrics(multi), want)
     assert (last / "data" / "process_1-of-2.json").is_file()
+
+
+def test_bad_input_on_one_process_stops_every_process(corpus, tmp_path):
+    """Process 1 cannot read its data (as when a file is missing on its host): it exits with its
+    one-line error, and process 0, instead of waiting for it in a collective, exits at once
+    with that error, naming process 1. Neither touches the workdir."""
+    workdir = tmp_path / "run"
+    missing = tmp_path / "not_on_this_host.jsonl.gz"
+    launches = _pair(workdir)
+    launches[1][2]["extra"] = (f"LmTrain.data = '{missing}'",)
+    procs_logs = []
+    try:
+        for run_dir, log, keywords in launches:
+            procs_logs.append((_launch(run_dir, _bindings(corpus), log, **keywords), log))
+        for proc, _ in procs_logs:
+            proc.wait(timeout=TIMEOUT_S)
+    finally:
+        _kill(p for p, _ in procs_logs)
+    expected = f"LmTrain.data={missing}: no such file or directory"
+    for pid, (proc, log) in enumerate(procs_logs):
+        errors = [line for line in log.read_text().splitlines() if "error" in line.lower()]
+        assert proc.returncode == 2, log.read_text()[-2000:]
+        prefix = "" if pid == 1 else "process 1: "
+        assert errors == [f"rareret: error: {prefix}{expected}"], errors
+    assert not workdir.exists()

@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from rareret import sharding, store
 from rareret.checkpoint import Checkpoints
 from rareret.preemption import PreemptionGuard
-from rareret.errors import ConfigError, is_number, require, require_int_fields
+from rareret.errors import ConfigError, is_number, one_line, require, require_int_fields
 from rareret.lm import corpus, data, inject, ladder
 from rareret.lm import model as lm_model
 from rareret.progress import Progress
@@ -124,8 +124,44 @@ class UserData:
 
 def read_inputs(spec: LmTrain) -> UserData:
     """Reads and validates everything `run_lm` will read (mesh, tokenizer, data), so bad input
-    fails before the workdir is touched; the data is kept, so it is read only once."""
-    spec.mesh.resolve(jax.device_count())
+    fails before the workdir is touched; the data is kept, so it is read only once.
+
+    Every process of a multi-process run calls it: when one process's input is bad (say, a
+    file missing on its host), all of them raise, instead of the others waiting for it in their
+    first collective.
+    """
+    device_count = jax.device_count()  # Starts the backend: every process reaches the check.
+    try:
+        inputs, error = _read_inputs(spec, device_count), None
+    except ConfigError as e:
+        inputs, error = None, e
+    failures = _process_errors(error)
+    if error:
+        raise error
+    if failures:  # Another process's input was bad: its message, naming the process.
+        raise ConfigError(failures[min(failures)])
+    return inputs
+
+
+_MESSAGE_BYTES = 512
+
+
+def _process_errors(error: ConfigError | None) -> dict[int, str]:
+    """Every process's one-line error, by process index (a collective in multi-process runs)."""
+    if jax.process_count() == 1:
+        return {}
+    encoded = np.zeros(_MESSAGE_BYTES, np.uint8)
+    if error:
+        text = one_line(error).encode()[:_MESSAGE_BYTES]
+        encoded[:len(text)] = np.frombuffer(text, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(encoded)).reshape(
+        jax.process_count(), _MESSAGE_BYTES)
+    return {p: f"process {p}: " + bytes(row).rstrip(b"\0").decode(errors="replace")
+            for p, row in enumerate(gathered) if row.any()}
+
+
+def _read_inputs(spec: LmTrain, device_count: int) -> UserData:
+    spec.mesh.resolve(device_count)
     if spec.tokenizer:
         data.load_tokenizer(spec.tokenizer)
     if spec.data == "default":
