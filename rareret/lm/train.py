@@ -209,7 +209,7 @@ def load_corpus(spec: LmTrain, workdir: str, inputs: UserData) -> Corpus:
 
     Takes `inputs.documents` (they are dropped once tokenised).
     """
-    if inputs.tokens:
+    if inputs.tokens is not None:
         return Corpus(inputs.tokens.tokens, spec.vocab_size, spec.eos_id)
     documents, inputs.documents = inputs.documents, None
     if documents is None:  # The embedded corpus: process 0 writes it; the others wait.
