@@ -16,7 +16,7 @@ SWEEP = sweep.Sweep(widths=(2, 5, 12, 24), seeds=(0, 3), learning_rate=(1e-3, 4e
 def reference_run(params, mixture, sweep_spec, learning_rate, num_steps):
     """One model trained alone: per-example decoder gather, optax clip + adamw, plain jax."""
     sqrt_spectra = jnp.sqrt(jnp.asarray(mixture.spectra(), jnp.float32))
-    log_priors = jnp.log(jnp.asarray(mixture.prior_array(), jnp.float32))
+    priors = jnp.asarray(mixture.prior_array(), jnp.float32)
     warmup = sweep_spec.warmup_steps
     tx = optax.chain(
         optax.clip_by_global_norm(1.0),
@@ -34,7 +34,7 @@ def reference_run(params, mixture, sweep_spec, learning_rate, num_steps):
     def step(p, s, t):
         key = tasks.batch_key(sweep_spec.data_seed, t)
         x = tasks.sample_inputs(key, sweep_spec.batch_size, mixture.input_dim)
-        task = tasks.sample_tasks(key, sweep_spec.batch_size, log_priors)
+        task = tasks.sample_tasks(key, sweep_spec.batch_size, priors)
         loss, g = jax.value_and_grad(loss_fn)(p, x, task)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s, loss

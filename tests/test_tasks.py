@@ -18,7 +18,7 @@ def _eager_batch(mixture, data_seed, step, batch_size):
     """Step `step`'s (x, task ids, y) exactly as the trainer builds them."""
     key = tasks.batch_key(data_seed, step)
     x = tasks.sample_inputs(key, batch_size, mixture.input_dim)
-    task = tasks.sample_tasks(key, batch_size, jnp.log(jnp.asarray(mixture.prior_array())))
+    task = tasks.sample_tasks(key, batch_size, jnp.asarray(mixture.prior_array()))
     y = tasks.targets(x, task, jnp.sqrt(jnp.asarray(mixture.spectra(), jnp.float32)))
     return x, task, y
 
@@ -151,6 +151,14 @@ def test_task_frequencies_match_priors():
         n += task.size
     stderr = np.sqrt(pi * (1 - pi) / n)
     assert np.all(np.abs(counts / n - pi) < 4 * stderr), (counts / n, pi)
+
+
+def test_zero_prior_tasks_are_never_drawn():
+    # Zero priors first, inside and last: the inverse-CDF edges an injection stream relies on.
+    mixture = TaskMixture(num_tasks=5, task_dim=1, input_dim=5, priors=(0, 2, 0, 1, 0))
+    _, task, _ = _batch(mixture, 3, 0, batch_size=200_000)
+    assert set(np.unique(task)) == {1, 3}
+    assert np.all(np.diff(task) >= 0)
 
 
 def test_targets_equal_scaled_own_block():

@@ -13,7 +13,8 @@ the work) is one GEMM forward and one backward for all models. The decoders diff
 task; instead of gathering a decoder copy per example, the batch (already sorted by task) is laid
 out in fixed-size *task tiles*: each tile holds rows of one task, short tasks are padded, and one
 batched matmul applies the tile's decoder to all its rows. The padding costs at most K·(tile−1)
-decoder rows and is masked out of the loss.
+decoder rows and is masked out of the loss. The decoder pass has a hand-written VJP
+(`decode_tiles`) whose GEMMs all take layouts XLA's CPU GEMM library runs whole.
 
 Shapes: B batch, D input dim, K tasks, T task dim, C models per width group, N width, M models,
 S data streams, L tiles of E rows each, R = L·E tiled rows.
@@ -106,18 +107,25 @@ class TaskTiles(NamedTuple):
 
 
 def task_tiles(task_B: jax.Array, num_tasks: int, tile: int) -> TaskTiles:
-    """Lays a batch sorted by task out in tiles of `tile` rows, each tile holding one task."""
+    """Lays a batch sorted by task out in tiles of `tile` rows, each tile holding one task.
+
+    Pure index arithmetic on per-task counts (no scatter, no sort): XLA's CPU scatter and
+    binary-search loops cost more than the rest of the layout together.
+    """
     batch = task_B.shape[0]
     num_tiles = -(-batch // tile) + num_tasks  # Enough for any split of the batch into tasks.
     counts_K = jnp.bincount(task_B, length=num_tasks)
     tiles_K = -(-counts_K // tile)
-    first_tile_K = jnp.cumsum(tiles_K) - tiles_K
-    first_row_K = jnp.cumsum(counts_K) - counts_K
+    end_tile_K = jnp.cumsum(tiles_K)
+    first_tile_K, first_row_K = end_tile_K - tiles_K, jnp.cumsum(counts_K) - counts_K
     rows = jnp.arange(batch)
     row_slot_B = first_tile_K[task_B] * tile + rows - first_row_K[task_B]
-    slot_row_R = jnp.full((num_tiles * tile,), batch, jnp.int32).at[row_slot_B].set(rows)
-    tile_task = jnp.searchsorted(jnp.cumsum(tiles_K), jnp.arange(num_tiles), side="right")
-    return TaskTiles(slot_row_R, row_slot_B, jnp.minimum(tile_task, num_tasks - 1))
+    tile_task = jnp.sum(jnp.arange(num_tiles)[:, None] >= end_tile_K[None, :-1], axis=1)
+    slot_task_R = jnp.repeat(tile_task, tile)
+    position_R = jnp.arange(num_tiles * tile) - first_tile_K[slot_task_R] * tile
+    slot_row_R = jnp.where(position_R < counts_K[slot_task_R],
+                           first_row_K[slot_task_R] + position_R, batch)
+    return TaskTiles(slot_row_R.astype(jnp.int32), row_slot_B, tile_task)
 
 
 @jax.custom_vjp
@@ -141,6 +149,40 @@ _to_tiles.defvjp(_to_tiles_fwd, _to_tiles_bwd)
 def to_tiles(rows_BxF: jax.Array, tiles: TaskTiles) -> jax.Array:
     """Rows of a task-sorted batch in task-tiled order, padding slots zero: [R, F]."""
     return _to_tiles(rows_BxF, tiles.slot_row_R, tiles.row_slot_B)
+
+
+@jax.custom_vjp
+def decode_tiles(hidden_CxLxExN: jax.Array, decoders_CxKxTxN: jax.Array,
+                 tile_task_L: jax.Array) -> jax.Array:
+    """Applies each tile's task decoder to its rows, for C models at once: [C, L, E, T]."""
+    return jnp.einsum("clen,cltn->clet", hidden_CxLxExN, decoders_CxKxTxN[:, tile_task_L])
+
+
+def _decode_tiles_fwd(hidden_CxLxExN, decoders_CxKxTxN, tile_task_L):
+    residuals = (hidden_CxLxExN, decoders_CxKxTxN[:, tile_task_L], tile_task_L,
+                 decoders_CxKxTxN.shape[1])
+    return decode_tiles(hidden_CxLxExN, decoders_CxKxTxN, tile_task_L), residuals
+
+
+def _decode_tiles_bwd(residuals, grad_CxLxExT):
+    """Both gradients as batched GEMMs in the layout XLA's CPU GEMM library takes whole.
+
+    Autodiff's decoder gradient contracts the row axis of the errors in place, a layout XLA's
+    CPU backend hands to a slow generic loop (≈ 0.14 ms per width group whatever its width, at
+    the default config's shapes); the errors are transposed first, behind an optimisation
+    barrier so XLA does not fold the transpose back into the GEMM. Tile gradients are summed
+    into their tasks with a one-hot GEMM rather than autodiff's scatter-add.
+    """
+    hidden_CxLxExN, decoders_CxLxTxN, tile_task_L, num_tasks = residuals
+    grad_hidden = jnp.einsum("clet,cltn->clen", grad_CxLxExT, decoders_CxLxTxN)
+    grad_CxLxTxE = jax.lax.optimization_barrier(jnp.swapaxes(grad_CxLxExT, 2, 3))
+    grad_tiles_CxLxTxN = jnp.einsum("clte,clen->cltn", grad_CxLxTxE, hidden_CxLxExN)
+    task_of_tile_LxK = jax.nn.one_hot(tile_task_L, num_tasks, dtype=grad_tiles_CxLxTxN.dtype)
+    grad_decoders = jnp.einsum("lk,cltn->cktn", task_of_tile_LxK, grad_tiles_CxLxTxN)
+    return grad_hidden, grad_decoders, None
+
+
+decode_tiles.defvjp(_decode_tiles_fwd, _decode_tiles_bwd)
 
 
 def losses(params: Params, x_BxD: jax.Array, y_SxBxT: jax.Array, tiles: TaskTiles) -> jax.Array:
@@ -170,8 +212,8 @@ def losses(params: Params, x_BxD: jax.Array, y_SxBxT: jax.Array, tiles: TaskTile
             hidden_LxExCxN = hidden_RxN[:, offset:offset + copies * width].reshape(
                 num_tiles, tile, copies, width)
             offset += copies * width
-            decoders_CxLxTxN = p["decoders"][:, stream_tiles.tile_task]
-            pred_CxLxExT = jnp.einsum("lecn,cltn->clet", hidden_LxExCxN, decoders_CxLxTxN)
+            pred_CxLxExT = decode_tiles(jnp.transpose(hidden_LxExCxN, (2, 0, 1, 3)),
+                                        p["decoders"], stream_tiles.tile_task)
             err_CxLxExT = pred_CxLxExT - y_LxExT
             out.append(jnp.sum(err_CxLxExT * err_CxLxExT, axis=(1, 2, 3)))
     return jnp.concatenate(out) / (batch * task_dim)

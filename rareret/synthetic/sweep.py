@@ -151,20 +151,20 @@ class SweepProgram:
         self.interference = jax.jit(self._interference)
 
     def _stream_tables(self, gaps):
-        """Per stream: log priors, gap and injection counts per cycle (host-computed, exact)."""
-        log_priors_K = np.log(self.mixture.prior_array())
+        """Per stream: task priors, gap and injection counts per cycle (host-computed, exact)."""
+        priors_K = self.mixture.prior_array()
         if not self.injection:
-            return {"log_priors_SxK": jnp.asarray(log_priors_K[None], jnp.float32),
+            return {"priors_SxK": jnp.asarray(priors_K[None], jnp.float32),
                     "gap_S": jnp.ones(1, jnp.int32), "counts_SxC": jnp.zeros((1, 1), jnp.int32)}
-        others_K = log_priors_K.copy()
-        others_K[self.rare_task] = -np.inf
+        others_K = priors_K.copy()
+        others_K[self.rare_task] = 0.0
         rate = self.injection.resolved_rate(self.mixture)
         cycles = max(self.sweep.num_steps // min(gaps), 1)
         counts = np.zeros((len(gaps), cycles), np.int32)
         for s, gap in enumerate(gaps):
             n = self.sweep.num_steps // gap
             counts[s, :n] = self.injection.counts(gap, self.sweep.batch_size, rate, n)
-        return {"log_priors_SxK": jnp.asarray(np.repeat(others_K[None], len(gaps), 0), jnp.float32),
+        return {"priors_SxK": jnp.asarray(np.repeat(others_K[None], len(gaps), 0), jnp.float32),
                 "gap_S": jnp.asarray(gaps, jnp.int32), "counts_SxC": jnp.asarray(counts)}
 
     def init(self) -> dict:
@@ -209,9 +209,9 @@ class SweepProgram:
         """Step `step`'s batch: (x_BxD, y_SxBxT, task_SxB), one row of tasks per stream."""
         key = tasks.batch_key(self.sweep.data_seed, step)
         x_BxD = tasks.sample_inputs(key, self.sweep.batch_size, self.mixture.input_dim)
-        task_SxB = jax.vmap(lambda log_priors_K, count: tasks.stream_tasks(
-            key, self.sweep.batch_size, log_priors_K, self.rare_task, count))(
-            self._streams["log_priors_SxK"], self.rare_counts(step))
+        task_SxB = jax.vmap(lambda priors_K, count: tasks.stream_tasks(
+            key, self.sweep.batch_size, priors_K, self.rare_task, count))(
+            self._streams["priors_SxK"], self.rare_counts(step))
         y_SxBxT = jax.vmap(lambda task_B: tasks.targets(x_BxD, task_B, self.sqrt_spectra_KxT))(
             task_SxB)
         return x_BxD, y_SxBxT, task_SxB

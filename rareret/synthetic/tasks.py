@@ -151,13 +151,13 @@ def sample_inputs(key: jax.Array, batch_size: int, input_dim: int) -> jax.Array:
     return jax.random.normal(jax.random.fold_in(key, 0), (batch_size, input_dim), jnp.float32)
 
 
-def sample_tasks(key: jax.Array, batch_size: int, log_priors_K: jax.Array) -> jax.Array:
+def sample_tasks(key: jax.Array, batch_size: int, priors_K: jax.Array) -> jax.Array:
     """task_B: i.i.d. draws from the prior, returned sorted.
 
     Examples are exchangeable and x is independent of the task, so sorting the ids leaves the
     batch's distribution unchanged; it lets the model process each task's rows as one block.
     """
-    return stream_tasks(key, batch_size, log_priors_K, 0, 0)
+    return stream_tasks(key, batch_size, priors_K, 0, 0)
 
 
 def targets(x_BxD: jax.Array, task_B: jax.Array, sqrt_spectra_KxT: jax.Array) -> jax.Array:
@@ -237,10 +237,14 @@ class Injection:
         return np.diff(np.asarray(cumulative, np.int64)).astype(np.int32)
 
 
-def stream_tasks(key: jax.Array, batch_size: int, log_priors_K: jax.Array, rare_task,
+def stream_tasks(key: jax.Array, batch_size: int, priors_K: jax.Array, rare_task,
                  rare_count) -> jax.Array:
     """task_B of one data stream: `rare_count` examples of `rare_task`, the rest from the prior
-    (pass log priors with −inf at the rare task for the renormalised prior). Sorted."""
-    draws = jax.random.categorical(jax.random.fold_in(key, 1), log_priors_K, shape=(batch_size,))
+    (pass priors with 0 at the rare task for the renormalised prior). Sorted.
+
+    Draws by inverse CDF (one uniform per example), not Gumbel-max (one per example and task).
+    """
+    draws = jax.random.choice(jax.random.fold_in(key, 1), priors_K.shape[0], (batch_size,),
+                              p=priors_K)
     draws = jnp.where(jnp.arange(batch_size) < rare_count, rare_task, draws)
     return jnp.sort(draws).astype(jnp.int32)
