@@ -109,8 +109,8 @@ class TaskTiles(NamedTuple):
 def task_tiles(task_B: jax.Array, num_tasks: int, tile: int) -> TaskTiles:
     """Lays a batch sorted by task out in tiles of `tile` rows, each tile holding one task.
 
-    Pure index arithmetic on per-task counts (no scatter, no sort): XLA's CPU scatter and
-    binary-search loops cost more than the rest of the layout together.
+    Pure index arithmetic on per-task counts: XLA's CPU scatter and binary-search loops, the
+    obvious way to build it, cost more than the rest of the layout together.
     """
     batch = task_B.shape[0]
     num_tiles = -(-batch // tile) + num_tasks  # Enough for any split of the batch into tasks.
