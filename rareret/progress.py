@@ -30,14 +30,15 @@ class Progress:
         if self._start_time is None:
             self._start_time, self._start_count = now, done
         elapsed, progressed = now - self._start_time, done - self._start_count
-        measured = elapsed > 0 and progressed > 0
-        rate = progressed / elapsed if measured else 0.0
+        if elapsed > 0 and progressed > 0:
+            rate = progressed / elapsed
+            speed, eta = f"{rate:7.1f}", format_seconds((self.total - done) / rate)
+        else:  # Nothing measured yet (the first update carries compilation).
+            speed, eta = f"{'?':>7}", "?"
         width = 24
         filled = int(width * done / max(self.total, 1))
         line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {self.label}"
-                f"  {f'{rate:7.1f}' if measured else '      ?'} {self.label}/s"
-                f"  ETA {format_seconds((self.total - done) / rate) if measured else '?'}"
-                f"  {extra}")
+                f"  {speed} {self.label}/s  ETA {eta}  {extra}")
         if self.interactive:
             self.stream.write("\r" + line)
             if done >= self.total:
