@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tokenizers
 from jax.experimental import multihost_utils
 
 from rareret import sharding, store
@@ -116,10 +117,12 @@ class LmTrain:
 @dataclasses.dataclass
 class UserData:
     """The run's data as read and validated before the workdir is touched: token files
-    (memory-mapped) or a text corpus's documents; neither for the embedded default corpus."""
+    (memory-mapped) or a text corpus's documents, neither for the embedded default corpus; and
+    the user's tokenizer, if `LmTrain.tokenizer` names one."""
 
     tokens: data.TokenCorpus | None = None
     documents: list[data.Document] | None = None
+    tokenizer: tokenizers.Tokenizer | None = None
 
 
 def read_inputs(spec: LmTrain) -> UserData:
@@ -162,15 +165,14 @@ def _process_errors(error: ConfigError | None) -> dict[int, str]:
 
 def _read_inputs(spec: LmTrain, device_count: int) -> UserData:
     spec.mesh.resolve(device_count)
-    if spec.tokenizer:
-        data.load_tokenizer(spec.tokenizer)
+    tokenizer = data.load_tokenizer(spec.tokenizer) if spec.tokenizer else None
     if spec.data == "default":
-        return UserData()
+        return UserData(tokenizer=tokenizer)
     require(os.path.exists(spec.data), f"LmTrain.data={spec.data}: no such file or directory")
     if is_token_data(spec.data):
         return UserData(tokens=data.TokenCorpus.from_token_files(spec.data, spec.vocab_size,
                                                                  spec.eos_id))
-    return UserData(documents=list(data.read_documents(spec.data)))
+    return UserData(documents=list(data.read_documents(spec.data)), tokenizer=tokenizer)
 
 
 def is_token_data(path: str) -> bool:
@@ -218,9 +220,8 @@ def load_corpus(spec: LmTrain, workdir: str, inputs: UserData) -> Corpus:
             corpus.write_default_corpus(path)
         sync_processes("rareret.lm: default corpus written")
         documents = list(data.read_documents(path))
-    if spec.tokenizer:
-        tokenizer = data.load_tokenizer(spec.tokenizer)
-    else:
+    tokenizer = inputs.tokenizer
+    if tokenizer is None:
         saved = os.path.join(workdir, "tokenizer.json")
         if jax.process_index() == 0 and not os.path.exists(saved):
             data.train_tokenizer((d.text for d in documents), spec.vocab_size, saved)
