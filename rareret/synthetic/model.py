@@ -192,12 +192,20 @@ def losses(params: Params, x_BxD: jax.Array, y_SxBxT: jax.Array, tiles: TaskTile
     tiles; the groups of `params` are stream-major. Padding slots hold zero inputs and zero
     targets, so they add nothing to the loss or the gradient.
     """
+    with jax.named_scope("encoder"):  # Scopes name the stages in profiles (profile_sweep.py).
+        encoder_NxD = jnp.concatenate([p["encoder"].reshape(-1, x_BxD.shape[1]) for p in params])
+        hidden_BxN = x_BxD @ encoder_NxD.T
+    with jax.named_scope("decoder"):
+        return _decoded_losses(params, hidden_BxN, y_SxBxT, tiles)
+
+
+def _decoded_losses(params: Params, hidden_BxN: jax.Array, y_SxBxT: jax.Array,
+                    tiles: TaskTiles) -> jax.Array:
+    """`losses` from the encoders' outputs: every model's decoder pass on its task tiles."""
     num_streams, batch, task_dim = y_SxBxT.shape
     num_tiles = tiles.tile_task.shape[1]
     tile = tiles.slot_row_R.shape[1] // num_tiles
     groups_per_stream = len(params) // num_streams
-    encoder_NxD = jnp.concatenate([p["encoder"].reshape(-1, x_BxD.shape[1]) for p in params])
-    hidden_BxN = x_BxD @ encoder_NxD.T
     out, start = [], 0
     for stream in range(num_streams):
         groups = params[stream * groups_per_stream:(stream + 1) * groups_per_stream]

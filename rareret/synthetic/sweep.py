@@ -218,9 +218,10 @@ class SweepProgram:
 
     def _tiled_batch(self, step):
         """Step `step`'s batch with each stream's task tiles: (x_BxD, y_SxBxT, tiles)."""
-        x_BxD, y_SxBxT, task_SxB = self.batch(step)
-        tiles = jax.vmap(lambda task_B: model.task_tiles(
-            task_B, self.mixture.num_tasks, self.sweep.tile_size))(task_SxB)
+        with jax.named_scope("batch"):
+            x_BxD, y_SxBxT, task_SxB = self.batch(step)
+            tiles = jax.vmap(lambda task_B: model.task_tiles(
+                task_B, self.mixture.num_tasks, self.sweep.tile_size))(task_SxB)
         return x_BxD, y_SxBxT, tiles
 
     def _train_step(self, step, carry):
@@ -228,14 +229,20 @@ class SweepProgram:
         # The next batch does not depend on this step, so XLA's CPU runtime generates it while
         # this step's small decoder ops run.
         upcoming = self._tiled_batch(step + 1)
-        params, opt_state = state["params"], state["opt_state"]
 
         def total_loss(p):
             losses_M = model.losses(p, x_BxD, y_SxBxT, tiles)
             # Models are independent: d(sum)/dθ_m = dℓ_m/dθ_m. Diverged models add nothing.
             return jnp.sum(jnp.where(state["diverged"], 0.0, losses_M)), losses_M
 
-        (_, losses_M), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
+        (_, losses_M), grads = jax.value_and_grad(total_loss, has_aux=True)(state["params"])
+        with jax.named_scope("optimizer"):
+            state = self._apply_updates(state, losses_M, grads)
+        return state, loss_sum_M + losses_M, upcoming
+
+    def _apply_updates(self, state, losses_M, grads):
+        """Each model's optimiser step; a model that turns non-finite is frozen and flagged."""
+        params, opt_state = state["params"], state["opt_state"]
 
         def update(lr, g, s, p):
             updates, s = self._optimizer(lr).update(g, s, p)
@@ -259,8 +266,7 @@ class SweepProgram:
         new_params, new_opt_state = jax.lax.cond(
             jnp.any(diverged_M), frozen_kept,
             lambda: (tuple(u[0] for u in updated), tuple(u[1] for u in updated)))
-        state = {"params": new_params, "opt_state": new_opt_state, "diverged": diverged_M}
-        return state, loss_sum_M + losses_M, upcoming
+        return {"params": new_params, "opt_state": new_opt_state, "diverged": diverged_M}
 
     def _train_chunk(self, state, num_steps, first_step):
         """`num_steps` steps from `first_step`; returns the new state and the mean loss [M].
