@@ -35,12 +35,14 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rareret.errors import ConfigError, one_line
 from rareret.synthetic import sweep as sweep_lib
 from rareret.synthetic import tasks
 
@@ -188,18 +190,48 @@ def load_average() -> str:
     return "load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def parse_args() -> argparse.Namespace:
-    ints = lambda text: tuple(int(v) for v in text.split(","))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=ints, default=(2, 4, 8, 16, 32, 64))
-    parser.add_argument("--seed_counts", type=ints, default=(1, 4),
-                        help="seeds per width; each count is its own sweep")
+def int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def add_shape_flags(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's mixture and sweep shapes (the issue's: see the module docstring)."""
+    parser.add_argument("--widths", type=int_list, default=(2, 4, 8, 16, 32, 64))
     parser.add_argument("--num_tasks", type=int, default=16)
     parser.add_argument("--task_dim", type=int, default=16)
     parser.add_argument("--input_dim", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--warmup_steps", type=int, default=1000)
+
+
+def specs(args: argparse.Namespace, seed_counts) -> tuple[tasks.TaskMixture, dict]:
+    """The mixture and one sweep per seed count; a bad value exits with one line."""
+    try:
+        mixture = tasks.TaskMixture(num_tasks=args.num_tasks, task_dim=args.task_dim,
+                                    input_dim=args.input_dim, beta=1.5, alpha=2.0)
+        sweeps = {n: sweep_lib.Sweep(widths=args.widths, seeds=tuple(range(n)),
+                                     learning_rate=args.learning_rate,
+                                     warmup_steps=args.warmup_steps, batch_size=args.batch_size)
+                  for n in seed_counts}
+        for sweep in sweeps.values():
+            sweep.check_against(mixture)
+    except ConfigError as e:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {one_line(e)}")
+    return mixture, sweeps
+
+
+def encoder_gemm(sweep: sweep_lib.Sweep, mixture: tasks.TaskMixture) -> Gemm:
+    """The gemm_fraction's denominator: XLA's CPU GEMM [B, D] @ [D, ΣN]."""
+    total_width = sum(sweep.widths) * len(sweep.seeds) * len(sweep.learning_rates)
+    return Gemm(sweep.batch_size, mixture.input_dim, total_width)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_flags(parser)
+    parser.add_argument("--seed_counts", type=int_list, default=(1, 4),
+                        help="seeds per width; each count is its own sweep")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of every method")
     parser.add_argument("--chunk", type=int, default=200, help="steps per packed timing")
     parser.add_argument("--loop_chunk", type=int, default=50,
@@ -215,12 +247,7 @@ def main() -> None:
     args = parse_args()
     wall_start = time.perf_counter()
     counts = sorted(args.seed_counts)
-    mixture = tasks.TaskMixture(num_tasks=args.num_tasks, task_dim=args.task_dim,
-                                input_dim=args.input_dim, beta=1.5, alpha=2.0)
-    sweeps = {n: sweep_lib.Sweep(widths=args.widths, seeds=tuple(range(n)),
-                                 learning_rate=args.learning_rate,
-                                 warmup_steps=args.warmup_steps, batch_size=args.batch_size)
-              for n in counts}
+    mixture, sweeps = specs(args, counts)
     largest = sweeps[counts[-1]]
     print(load_average())
     if os.getloadavg()[0] > os.cpu_count():
@@ -249,7 +276,7 @@ def main() -> None:
     jax_loop = built("jax loop", lambda: JaxLoop(mixture, largest, args.loop_chunk))
     torch_loop = (built("torch loop", lambda: TorchLoop(mixture, largest, args.torch_steps))
                   if torch else None)
-    gemms = built("gemm", lambda: {n: Gemm(batch, dim, sum(args.widths) * n) for n in counts})
+    gemms = built("gemm", lambda: {n: encoder_gemm(sweeps[n], mixture) for n in counts})
     square = built("square gemm", lambda: Gemm(1024, 1024, 1024))
     print("init, compile and warm-up (s): "
           + ", ".join(f"{name} {s:.1f}" for name, s in setup_s.items()), flush=True)

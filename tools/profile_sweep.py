@@ -1,14 +1,14 @@
 """Where a packed sweep-step's time goes: XLA's executed instructions, grouped by stage.
 
-    python tools/profile_sweep.py [--seeds=4] [--steps=100] [--widths=2,4,8,16,32,64]
+    python tools/profile_sweep.py [--seeds=4] [--steps=100] [bench_sweep.py's shape flags]
 
-Traces --steps training steps of the packed sweep at bench_sweep.py's default shapes (K=16,
-d_T=16, D=256, B=512) with jax.profiler and sums the time of every executed HLO instruction by
-the named scope of the code that emitted it: `batch` (inputs, task ids, targets, task tiles),
-`encoder` (the packed encoder GEMM and its weight gradient), `decoder` (task tiles, decoder
-GEMMs, loss), `optimizer` (clipping, AdamW, divergence checks). Backward instructions carry the
-scope of their forward pass; instructions with none are XLA's own copies. Loop and branch
-instructions are not counted (their bodies are).
+Traces --steps training steps of the packed sweep at bench_sweep.py's shapes (by default K=16,
+d_T=16, D=256, B=512, widths 2…64) with jax.profiler and sums the time of every executed HLO
+instruction by the named scope of the code that emitted it: `batch` (inputs, task ids, targets,
+task tiles), `encoder` (the packed encoder GEMM and its weight gradient), `decoder` (task tiles,
+decoder GEMMs, loss), `optimizer` (clipping, AdamW, divergence checks). Backward instructions
+carry the scope of their forward pass; instructions with none are XLA's own copies. Loop and
+branch instructions are not counted (their bodies are).
 
 Busy time sums both cores, so it exceeds the wall time where instructions run side by side. The
 last column estimates the gemm_fraction (bench_sweep.py's definition, at the GEMM rate measured
@@ -23,14 +23,15 @@ import collections
 import glob
 import json
 import re
+import statistics
 import tempfile
 import time
 
 import jax
 
-from bench_sweep import Gemm, useful_flops  # tools/, this script's directory, is on sys.path.
+# tools/, this script's directory, is on sys.path.
+from bench_sweep import add_shape_flags, encoder_gemm, specs, useful_flops
 from rareret.synthetic import sweep as sweep_lib
-from rareret.synthetic import tasks
 
 STAGES = ("batch", "encoder", "decoder", "optimizer")
 UNSCOPED = "(XLA copies, no scope)"
@@ -68,16 +69,16 @@ def busy_seconds(trace_dir: str, stages: dict[str, str]) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    ints = lambda text: tuple(int(v) for v in text.split(","))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=ints, default=(2, 4, 8, 16, 32, 64))
+    add_shape_flags(parser)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.exit(2, f"{parser.prog}: error: --steps={args.steps} must be ≥ 1\n")
 
-    mixture = tasks.TaskMixture(num_tasks=16, task_dim=16, input_dim=256, beta=1.5, alpha=2.0)
-    spec = sweep_lib.Sweep(widths=args.widths, seeds=tuple(range(args.seeds)),
-                           learning_rate=3e-3, warmup_steps=1000, batch_size=512)
+    mixture, sweeps = specs(args, [args.seeds])
+    spec = sweeps[args.seeds]
     program = sweep_lib.SweepProgram(mixture, spec)
     state, _ = jax.block_until_ready(program.train_chunk(program.init(), args.steps, 0))
     stages = instruction_stages(program.train_chunk.lower(state, args.steps, 0).compile().as_text())
@@ -89,8 +90,8 @@ def main() -> None:
             jax.block_until_ready(program.train_chunk(state, args.steps, 2 * args.steps))
         seconds, counts = busy_seconds(trace_dir, stages)
 
-    total_width = sum(spec.widths) * args.seeds
-    gemm_rate = max(Gemm(spec.batch_size, mixture.input_dim, total_width).run() for _ in range(3))
+    gemm = encoder_gemm(spec, mixture)
+    gemm_rate = statistics.median(gemm.run() for _ in range(3))
     flops = useful_flops(spec, mixture)
 
     print(f"jax {jax.__version__} on {jax.default_backend()}; widths {list(spec.widths)} × "
