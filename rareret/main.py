@@ -25,6 +25,9 @@ from rareret.lm import inject
 from rareret.lm import train as lm_train
 from rareret.synthetic import runner, tasks
 from rareret.synthetic import sweep as sweep_lib
+from rareret.synthetic.spec import Injection, Sweep, TaskMixture
+from rareret.lm.spec import LmTrain
+from rareret.mesh_spec import MeshSpec
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin config file(s); later files override earlier.")
@@ -39,12 +42,12 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --
 flags.DEFINE_integer("num_processes", None, "number of processes, for --distributed.")
 flags.DEFINE_integer("process_id", None, "this process's index, for --distributed.")
 
-TaskMixture = gin.external_configurable(tasks.TaskMixture, name="TaskMixture")
-Sweep = gin.external_configurable(sweep_lib.Sweep, name="Sweep")
-Injection = gin.external_configurable(tasks.Injection, name="Injection")
-LmTrain = gin.external_configurable(lm_train.LmTrain, name="LmTrain")
+TaskMixture = gin.external_configurable(TaskMixture, name="TaskMixture")
+Sweep = gin.external_configurable(Sweep, name="Sweep")
+Injection = gin.external_configurable(Injection, name="Injection")
+LmTrain = gin.external_configurable(LmTrain, name="LmTrain")
 gin.external_configurable(inject.TaskSpec, name="TaskSpec")
-gin.external_configurable(sharding.MeshSpec, name="MeshSpec")
+gin.external_configurable(MeshSpec, name="MeshSpec")
 EXPERIMENTS = ("synthetic", "lm")
 RUN_MARKER = "spec.json"  # Present in every workdir that holds a run.
 
@@ -52,7 +55,7 @@ RUN_MARKER = "spec.json"  # Present in every workdir that holds a run.
 @gin.configurable("run", denylist=["workdir"])
 def run(workdir: str, experiment: str = "synthetic",
         vary_mixture: dict[str, list] | None = None,
-        injection: tasks.Injection | None = None) -> None:
+        injection: Injection | None = None) -> None:
     """Builds the experiment's specs from gin (validating them), then runs it in `workdir`.
 
     `injection` (`run.injection = @Injection()`) trains under a matched-frequency schedule.
@@ -78,7 +81,7 @@ def run(workdir: str, experiment: str = "synthetic",
                 f"run.vary_mixture={vary_mixture!r} must map one TaskMixture field to a "
                 f"non-empty list of values")
         (field, values), = vary_mixture.items()
-        known = [f.name for f in dataclasses.fields(tasks.TaskMixture)]
+        known = [f.name for f in dataclasses.fields(TaskMixture)]
         require(field in known, f"run.vary_mixture: {field!r} is not one of {known}")
         jobs = [(os.path.join(workdir, f"{field}={value}"),
                  dataclasses.replace(base, **{field: value})) for value in values]

@@ -12,6 +12,7 @@ import pytest
 from rareret import store
 from rareret.errors import ConfigError
 from rareret.synthetic import runner, sweep, tasks, theory
+from rareret.synthetic.spec import Injection, Sweep, TaskMixture, rarest_task
 
 # --- counts ----------------------------------------------------------------------------------
 
@@ -32,7 +33,7 @@ def test_counts_have_the_exact_long_run_frequency(gap, batch_size):
     for rate in DYADIC_RATES:
         if gap * rate > 1:
             continue
-        counts = tasks.Injection(gap=gap, rate=rate).counts(gap, batch_size, rate, num_cycles)
+        counts = Injection(gap=gap, rate=rate).counts(gap, batch_size, rate, num_cycles)
         assert counts.shape == (num_cycles,) and np.issubdtype(counts.dtype, np.integer)
         np.testing.assert_array_equal(np.cumsum(counts),
                                       exact_cumulative(gap, batch_size, rate, num_cycles),
@@ -47,7 +48,7 @@ def test_counts_have_the_exact_long_run_frequency(gap, batch_size):
 
 def test_counts_include_non_integer_per_cycle_amounts():
     # 3·5·(3/64) = 45/64 < 1 per cycle: 45 of every 64 cycles inject one example, the rest none.
-    counts = tasks.Injection(gap=3, rate=3 / 64).counts(3, 5, 3 / 64, 64)
+    counts = Injection(gap=3, rate=3 / 64).counts(3, 5, 3 / 64, 64)
     assert counts.sum() == 45 and set(counts.tolist()) == {0, 1}
     injecting = [c - 1 for c in range(1, 65) if (c * 45) // 64 > ((c - 1) * 45) // 64]
     np.testing.assert_array_equal(np.flatnonzero(counts), injecting)
@@ -57,32 +58,32 @@ def test_counts_include_non_integer_per_cycle_amounts():
     (1024, 512, 6e-4), (256, 512, 0.0006103515625), (3, 100, 0.29), (1, 1000, 1 / 3),
     (7, 33, 0.1), (64, 1024, 0.013)])
 def test_decimal_rates_stay_within_one_example(gap, batch_size, rate):
-    counts = tasks.Injection(gap=gap, rate=rate).counts(gap, batch_size, rate, 3000)
+    counts = Injection(gap=gap, rate=rate).counts(gap, batch_size, rate, 3000)
     exact = exact_cumulative(gap, batch_size, Fraction(str(rate)), 3000)
     assert np.max(np.abs(np.cumsum(counts) - exact)) <= 1
     assert np.all(counts <= batch_size) and np.all(counts >= 0)
 
 
 def test_decimal_rate_with_integer_cycle_amount_is_exact():
-    counts = tasks.Injection(gap=1, rate=0.29).counts(1, 100, 0.29, 10)
+    counts = Injection(gap=1, rate=0.29).counts(1, 100, 0.29, 10)
     np.testing.assert_array_equal(counts, 29)
 
 
 def test_counts_of_no_cycles_is_empty():
-    assert tasks.Injection(gap=4).counts(4, 32, 0.1, 0).shape == (0,)
+    assert Injection(gap=4).counts(4, 32, 0.1, 0).shape == (0,)
 
 
 # --- placement in the data streams -----------------------------------------------------------
 
-MIX = tasks.TaskMixture(num_tasks=5, task_dim=1, input_dim=6, beta=1.0)
+MIX = TaskMixture(num_tasks=5, task_dim=1, input_dim=6, beta=1.0)
 GAPS = (2, 3, 5)
 RATE = 0.05  # gap·B·rate = 6.4, 9.6, 16 at B = 64.
 
 
 def program_for(batch_size=64, num_steps=31, gaps=GAPS, rate=RATE, data_seed=0, **kwargs):
-    spec = sweep.Sweep(widths=(1,), batch_size=batch_size, num_steps=num_steps,
+    spec = Sweep(widths=(1,), batch_size=batch_size, num_steps=num_steps,
                        record_every=num_steps, warmup_steps=1, data_seed=data_seed)
-    return sweep.SweepProgram(MIX, spec, tasks.Injection(gap=gaps, rate=rate, **kwargs))
+    return sweep.SweepProgram(MIX, spec, Injection(gap=gaps, rate=rate, **kwargs))
 
 
 def batches(program, steps):
@@ -107,7 +108,7 @@ def test_rare_examples_sit_at_the_last_step_of_each_cycle(placement):
     assert rare == 4  # The rarest task by default.
     assert task.shape == (PLACEMENT_STEPS, len(GAPS), batch_size)
     for s, gap in enumerate(GAPS):
-        counts = tasks.Injection(gap=GAPS).counts(gap, batch_size, RATE, PLACEMENT_STEPS // gap)
+        counts = Injection(gap=GAPS).counts(gap, batch_size, RATE, PLACEMENT_STEPS // gap)
         expected = np.array([counts[t // gap] if t % gap == gap - 1 else 0
                              for t in range(PLACEMENT_STEPS)])
         assert expected.sum() == math.floor((PLACEMENT_STEPS // gap) * gap * batch_size * RATE)
@@ -181,9 +182,9 @@ def test_batches_are_deterministic_across_restarts_and_call_orders(placement):
 ])
 def test_record_steps_hold_every_injection_pair(num_steps, record_every, interference_every,
                                                 gaps):
-    spec = sweep.Sweep(widths=(1,), num_steps=num_steps, record_every=record_every,
+    spec = Sweep(widths=(1,), num_steps=num_steps, record_every=record_every,
                        interference_every=interference_every)
-    steps = spec.record_steps(tasks.Injection(gap=gaps))
+    steps = spec.record_steps(Injection(gap=gaps))
     assert steps == sorted(set(steps))
     expected = {0, num_steps, *range(0, num_steps + 1, record_every)}
     if interference_every:
@@ -197,7 +198,7 @@ def test_record_steps_hold_every_injection_pair(num_steps, record_every, interfe
 
 
 def test_record_steps_without_injection():
-    spec = sweep.Sweep(widths=(1,), num_steps=25, record_every=10)
+    spec = Sweep(widths=(1,), num_steps=25, record_every=10)
     assert spec.record_steps() == [0, 10, 20, 25]
     assert spec.record_steps(None) == [0, 10, 20, 25]
 
@@ -221,7 +222,7 @@ def test_record_steps_without_injection():
 ])
 def test_bad_injection_is_rejected(kwargs, text):
     with pytest.raises(ConfigError, match=re.escape(text)):
-        tasks.Injection(**kwargs)
+        Injection(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs, text", [
@@ -232,24 +233,24 @@ def test_bad_injection_is_rejected(kwargs, text):
     ({"gap": 16}, "Injection.gap=16 "),  # Default rate π_r ≈ 0.088: 16·π_r > 1.
 ])
 def test_injection_that_does_not_fit_the_mixture_is_rejected(kwargs, text):
-    spec = sweep.Sweep(widths=(1,), batch_size=32, num_steps=10)
+    spec = Sweep(widths=(1,), batch_size=32, num_steps=10)
     with pytest.raises(ConfigError, match=re.escape(text)):
-        sweep.SweepProgram(MIX, spec, tasks.Injection(**kwargs))
+        sweep.SweepProgram(MIX, spec, Injection(**kwargs))
 
 
 def test_boundary_injection_is_accepted():
-    spec = sweep.Sweep(widths=(1,), batch_size=32, num_steps=10)
-    program = sweep.SweepProgram(MIX, spec, tasks.Injection(gap=(1, 4), rate=0.25, rare_task=0))
+    spec = Sweep(widths=(1,), batch_size=32, num_steps=10)
+    program = sweep.SweepProgram(MIX, spec, Injection(gap=(1, 4), rate=0.25, rare_task=0))
     assert program.rare_task == 0
-    assert tasks.Injection(rate=1.0).rate == 1.0
+    assert Injection(rate=1.0).rate == 1.0
 
 
 # --- end to end: retention arrays and interference records -----------------------------------
 
-E2E_MIX = tasks.TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=1.0)
-E2E_SWEEP = sweep.Sweep(widths=(3,), seeds=(0,), batch_size=32, num_steps=20, record_every=7,
+E2E_MIX = TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=1.0)
+E2E_SWEEP = Sweep(widths=(3,), seeds=(0,), batch_size=32, num_steps=20, record_every=7,
                         warmup_steps=2, learning_rate=3e-2, interference_every=4)
-E2E_INJECTION = tasks.Injection(gap=(3, 5))  # Default rate π_r = 0.12.
+E2E_INJECTION = Injection(gap=(3, 5))  # Default rate π_r = 0.12.
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +263,7 @@ def e2e_run(tmp_path_factory):
 def expected_retention(metrics):
     steps = metrics.read("step").tolist()
     index = {step: r for r, step in enumerate(steps)}
-    rare = tasks.rarest_task(E2E_MIX.prior_array())
+    rare = rarest_task(E2E_MIX.prior_array())
     widths, gaps = metrics.read("width"), metrics.read("gap")
     corrected = theory.corrected_alignment(metrics.read("alignment")[:, :, rare], widths[None],
                                            E2E_MIX.input_dim)

@@ -8,6 +8,7 @@ from jax.flatten_util import ravel_pytree
 
 from rareret import interference
 from rareret.synthetic import model, sweep, tasks, theory
+from rareret.synthetic.spec import Injection, Sweep, TaskMixture
 
 NUM_TASKS = 5
 ABSENT = 3  # A task with no example in the batch.
@@ -180,7 +181,7 @@ def test_weighted_cosine_equals_cosine_of_weighted_sums(mlp, by_chunk):
 
 # --- the toy's population gradients ----------------------------------------------------------
 
-TOY = tasks.TaskMixture(num_tasks=3, task_dim=2, input_dim=8, beta=1.0, alpha=1.0)
+TOY = TaskMixture(num_tasks=3, task_dim=2, input_dim=8, beta=1.0, alpha=1.0)
 TOY_WIDTH = 4
 
 
@@ -238,11 +239,11 @@ def test_population_gradients_are_the_large_batch_limit(toy_model):
 
 # --- the sweep's interference records --------------------------------------------------------
 
-SWEEP_MIX = tasks.TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=0.5, alpha=1.0)
+SWEEP_MIX = TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=0.5, alpha=1.0)
 
 
 def sweep_spec(mode, batch_size=1 << 17):
-    return sweep.Sweep(widths=(2, 3), seeds=(0,), batch_size=batch_size, num_steps=10,
+    return Sweep(widths=(2, 3), seeds=(0,), batch_size=batch_size, num_steps=10,
                        record_every=10, warmup_steps=1, interference_every=1,
                        interference_mode=mode)
 
@@ -307,7 +308,7 @@ def test_sweep_population_matches_sampled_on_a_large_batch():
 
 
 def test_sampled_interference_uses_each_models_own_stream():
-    injection = tasks.Injection(gap=(2, 3))
+    injection = Injection(gap=(2, 3))
     program = sweep.SweepProgram(SWEEP_MIX, sweep_spec("sampled", batch_size=256), injection)
     params = random_params(program.layout)
     rare = program.rare_task

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from rareret.errors import ConfigError
+from rareret.lm import config as lm_config
 from rareret.lm import ladder, model
 
 VARIANTS = ("olmo", "olmo2")
@@ -49,7 +50,7 @@ def test_causal(tiny_model):
 @pytest.mark.parametrize("rung", list(ladder.LADDER))
 def test_param_count_formula_matches_tree(rung, variant):
     config = ladder.config_for(rung, variant=variant)
-    counts = model.param_count(config)
+    counts = lm_config.param_count(config)
     assert counts["total"] == model.count_params(model.param_shapes(config))
     embedding = 2 * config.vocab_size * config.d_model
     assert counts["non_embedding"] == counts["total"] - embedding
@@ -61,8 +62,8 @@ def test_paper_rungs_by_hand():
     for rung in ("4M", "20M", "300M", "1B", "4B"):
         config = ladder.config_for(rung)
         d = config.d_model
-        assert model.param_count(config)["total"] == 2 * 50304 * d + config.n_layers * 16 * d * d
-    assert model.param_count(ladder.config_for("1B"))["olmo_non_embedding"] == 1_176_764_416
+        assert lm_config.param_count(config)["total"] == 2 * 50304 * d + config.n_layers * 16 * d * d
+    assert lm_config.param_count(ladder.config_for("1B"))["olmo_non_embedding"] == 1_176_764_416
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

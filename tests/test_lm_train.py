@@ -39,6 +39,8 @@ from rareret import sharding, store
 from rareret.errors import ConfigError
 from lm_corpus import golden_documents
 from rareret.lm import data, inject, train
+from rareret.lm.spec import LmTrain
+from rareret.mesh_spec import MeshSpec
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_GIN = REPO / "gin_configs" / "lm" / "tiny.gin"
@@ -82,11 +84,11 @@ def compilation_cache(tmp_path_factory):
     reset()
 
 
-def tiny_spec(shard_path, **overrides) -> train.LmTrain:
+def tiny_spec(shard_path, **overrides) -> LmTrain:
     fields = dict(model="tiny", data=str(shard_path), tokenizer=str(TOKENIZER), seq_len=32,
                   global_batch=8, learning_rate=3e-3, warmup_steps=2, eval_instances=64,
                   tasks=TASKS, seed=0)
-    return train.LmTrain(**{**fields, **overrides})
+    return LmTrain(**{**fields, **overrides})
 
 
 def read_metrics(workdir) -> dict[str, np.ndarray]:
@@ -100,7 +102,7 @@ def checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def restore_state(spec: train.LmTrain, workdir, step: int):
+def restore_state(spec: LmTrain, workdir, step: int):
     """The train state of checkpoint `step` as numpy arrays, restored with orbax directly."""
     vocab = data.load_tokenizer(spec.tokenizer).get_vocab_size()
     program = train.LmProgram(spec, vocab, sharding.make_mesh(spec.mesh))
@@ -121,9 +123,9 @@ def assert_bit_identical(got: dict, want: dict, what: str) -> None:
 def test_warmup_must_end_before_the_last_step():
     """warmup_steps ≥ num_steps used to crash inside optax (negative cosine decay_steps)."""
     with pytest.raises(ConfigError, match=r"warmup_steps=30 must be < num_steps=4"):
-        train.LmTrain(num_steps=4, warmup_steps=30)
-    train.optimizer(train.LmTrain(num_steps=1, warmup_steps=0))  # The smallest run is fine.
-    train.optimizer(train.LmTrain(num_steps=4, warmup_steps=3))
+        LmTrain(num_steps=4, warmup_steps=30)
+    train.optimizer(LmTrain(num_steps=1, warmup_steps=0))  # The smallest run is fine.
+    train.optimizer(LmTrain(num_steps=4, warmup_steps=3))
 
 
 # ----------------------------------------------------------------------------- resume ≡ straight
@@ -253,7 +255,7 @@ SHARDED_VOCAB = 300  # Padded to 384, which tensor=2 divides.
 def sharded_table() -> dict:
     """Three train steps and the task metrics under each mesh of MESHES (needs 8 devices)."""
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
-    spec = train.LmTrain(model="tiny", seq_len=32, global_batch=8, num_steps=3,
+    spec = LmTrain(model="tiny", seq_len=32, global_batch=8, num_steps=3,
                          learning_rate=1e-2, warmup_steps=1, eval_instances=64, tasks=TASKS)
     eos = 0
     tasks = [inject.build_task(t, SHARDED_VOCAB, reserved=(eos,)) for t in TASKS]
@@ -266,7 +268,7 @@ def sharded_table() -> dict:
     for name, sizes in MESHES.items():
         started = time.perf_counter()
         devices = jax.devices()[:1] if name == "1" else None
-        mesh = sharding.make_mesh(sharding.MeshSpec(*sizes), devices=devices)
+        mesh = sharding.make_mesh(MeshSpec(*sizes), devices=devices)
         program = train.LmProgram(spec, SHARDED_VOCAB, mesh)
         state = program.init()
         init_digest = hashlib.sha256(b"".join(

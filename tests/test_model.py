@@ -7,9 +7,10 @@ import optax
 import pytest
 
 from rareret.synthetic import model, sweep, tasks
+from rareret.synthetic.spec import Sweep, TaskMixture
 
-MIXTURE = tasks.TaskMixture(num_tasks=6, task_dim=4, input_dim=32, beta=1.0, alpha=1.5)
-SWEEP = sweep.Sweep(widths=(2, 5, 12, 24), seeds=(0, 3), learning_rate=(1e-3, 4e-3),
+MIXTURE = TaskMixture(num_tasks=6, task_dim=4, input_dim=32, beta=1.0, alpha=1.5)
+SWEEP = Sweep(widths=(2, 5, 12, 24), seeds=(0, 3), learning_rate=(1e-3, 4e-3),
                     batch_size=96, num_steps=40, record_every=40, warmup_steps=10, tile_size=8)
 
 
@@ -78,7 +79,7 @@ def test_packed_models_follow_models_trained_alone():
 
 def test_init_depends_only_on_seed_and_width():
     both = sweep.SweepProgram(MIXTURE, SWEEP).init()["params"]
-    alone_spec = sweep.Sweep(widths=(12,), seeds=(3,), batch_size=96, num_steps=1, record_every=1)
+    alone_spec = Sweep(widths=(12,), seeds=(3,), batch_size=96, num_steps=1, record_every=1)
     alone = sweep.SweepProgram(MIXTURE, alone_spec).init()["params"]
     group = SWEEP.widths.index(12)
     copy = SWEEP.seeds.index(3) * len(SWEEP.learning_rates)

@@ -5,15 +5,16 @@ import numpy as np
 
 from rareret.analysis import mechanism, phase
 from rareret.synthetic import runner, sweep, tasks
+from rareret.synthetic.spec import Injection, Sweep, TaskMixture
 
-MIXTURE = tasks.TaskMixture(num_tasks=16, task_dim=8, input_dim=128, beta=2.0, alpha=2.0)
+MIXTURE = TaskMixture(num_tasks=16, task_dim=8, input_dim=128, beta=2.0, alpha=2.0)
 GAP = 384
 
 
 def test_narrow_forgets_wide_retains(tmp_path):
-    spec = sweep.Sweep(widths=(8, 96), batch_size=256, num_steps=6 * GAP * 3, record_every=GAP,
+    spec = Sweep(widths=(8, 96), batch_size=256, num_steps=6 * GAP * 3, record_every=GAP,
                        learning_rate=3e-3, warmup_steps=500, interference_every=GAP)
-    injection = tasks.Injection(gap=GAP)
+    injection = Injection(gap=GAP)
     runner.run_sweep(MIXTURE, spec, str(tmp_path), injection, show_progress=False)
     run = phase.SyntheticRun.load(str(tmp_path))
     steps = run.metrics.read("step")

@@ -14,6 +14,7 @@ import pytest
 
 from rareret import store
 from rareret.synthetic import runner, sweep, tasks
+from rareret.synthetic.spec import Sweep, TaskMixture
 
 BINDINGS = [
     "TaskMixture.num_tasks = 6", "TaskMixture.task_dim = 4", "TaskMixture.input_dim = 32",
@@ -115,14 +116,14 @@ def test_sigterm_exit_status_is_zero(tmp_path):
             proc.kill()
 
 
-MIXTURE = tasks.TaskMixture(num_tasks=4, task_dim=3, input_dim=16, beta=1.0)
+MIXTURE = TaskMixture(num_tasks=4, task_dim=3, input_dim=16, beta=1.0)
 
 
 def test_diverging_model_is_frozen_and_flagged(tmp_path):
     common = dict(widths=(2, 5), batch_size=64, num_steps=60, record_every=20, warmup_steps=5)
-    runner.run_sweep(MIXTURE, sweep.Sweep(learning_rate=(1e-3, 1e30), **common),
+    runner.run_sweep(MIXTURE, Sweep(learning_rate=(1e-3, 1e30), **common),
                      str(tmp_path / "both"), show_progress=False)
-    runner.run_sweep(MIXTURE, sweep.Sweep(learning_rate=1e-3, **common),
+    runner.run_sweep(MIXTURE, Sweep(learning_rate=1e-3, **common),
                      str(tmp_path / "sane"), show_progress=False)
     both = store.open_metrics(str(tmp_path / "both" / "metrics"))
     sane = store.open_metrics(str(tmp_path / "sane" / "metrics"))

@@ -5,6 +5,7 @@ import pytest
 
 from rareret.analysis import phase, report
 from rareret.synthetic import runner, sweep, tasks
+from rareret.synthetic.spec import Sweep, TaskMixture
 
 
 def run(tmp_path, mixture, spec):
@@ -13,8 +14,8 @@ def run(tmp_path, mixture, spec):
 
 
 def test_phase_diagram_matches_theorem3(tmp_path):
-    mixture = tasks.TaskMixture(num_tasks=8, task_dim=8, input_dim=64, beta=1.5, alpha=2.0)
-    spec = sweep.Sweep(widths=(1, 2, 4, 8, 16, 32), batch_size=256, num_steps=5000,
+    mixture = TaskMixture(num_tasks=8, task_dim=8, input_dim=64, beta=1.5, alpha=2.0)
+    spec = Sweep(widths=(1, 2, 4, 8, 16, 32), batch_size=256, num_steps=5000,
                        record_every=1000, learning_rate=3e-3, warmup_steps=500)
     result = run(tmp_path, mixture, spec)
     assert result.metrics.read("step").tolist() == [0, 1000, 2000, 3000, 4000, 5000]
@@ -31,8 +32,8 @@ def test_phase_diagram_matches_theorem3(tmp_path):
 
 def test_rank1_critical_width_is_task_index(tmp_path):
     num_tasks = 12
-    mixture = tasks.TaskMixture(num_tasks=num_tasks, task_dim=1, input_dim=24, beta=1.5)
-    spec = sweep.Sweep(widths=tuple(range(1, num_tasks + 1)), batch_size=256, num_steps=5000,
+    mixture = TaskMixture(num_tasks=num_tasks, task_dim=1, input_dim=24, beta=1.5)
+    spec = Sweep(widths=tuple(range(1, num_tasks + 1)), batch_size=256, num_steps=5000,
                        record_every=5000, learning_rate=1e-2, warmup_steps=500)
     comparison = phase.compare_with_theory(run(tmp_path, mixture, spec))
     np.testing.assert_array_equal(comparison.observed_critical_K, np.arange(1, num_tasks + 1))
@@ -42,8 +43,8 @@ def test_rank1_critical_width_is_task_index(tmp_path):
 
 
 def test_records_hold_every_metric(tmp_path):
-    mixture = tasks.TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=1.0)
-    spec = sweep.Sweep(widths=(2, 3), seeds=(0, 1), learning_rate=(1e-3, 1e-2), batch_size=32,
+    mixture = TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=1.0)
+    spec = Sweep(widths=(2, 3), seeds=(0, 1), learning_rate=(1e-3, 1e-2), batch_size=32,
                        num_steps=25, record_every=10, warmup_steps=5)
     metrics = run(tmp_path, mixture, spec).metrics
     assert metrics.read("step").tolist() == [0, 10, 20, 25]
@@ -66,10 +67,10 @@ def test_records_hold_every_metric(tmp_path):
 @pytest.mark.parametrize("learning_rate", [1e-3, 4e-3])
 def test_learning_rates_share_one_program(tmp_path, learning_rate):
     """A model's run inside a learning-rate sweep equals the same model swept alone."""
-    mixture = tasks.TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=1.0)
+    mixture = TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=1.0)
     common = dict(widths=(3,), batch_size=32, num_steps=30, record_every=30, warmup_steps=5)
-    both = run(tmp_path / "both", mixture, sweep.Sweep(learning_rate=(1e-3, 4e-3), **common))
-    alone = run(tmp_path / "alone", mixture, sweep.Sweep(learning_rate=learning_rate, **common))
+    both = run(tmp_path / "both", mixture, Sweep(learning_rate=(1e-3, 4e-3), **common))
+    alone = run(tmp_path / "alone", mixture, Sweep(learning_rate=learning_rate, **common))
     index = [1e-3, 4e-3].index(learning_rate)
     np.testing.assert_allclose(both.final("task_loss")[index], alone.final("task_loss")[0],
                                rtol=1e-4)

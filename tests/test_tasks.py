@@ -7,8 +7,8 @@ import pytest
 
 from rareret.errors import ConfigError
 from rareret.synthetic import tasks
-from rareret.synthetic.sweep import Sweep
-from rareret.synthetic.tasks import TaskMixture, directions_for_energy
+from rareret.synthetic.spec import Sweep
+from rareret.synthetic.spec import TaskMixture, directions_for_energy
 
 # K=4, d_T=3, D=20: coordinates 12..19 are distractors; α_k differ so spectra rows differ.
 MIX = TaskMixture(num_tasks=4, task_dim=3, input_dim=20, beta=1.0, complexity_range=(1, 3))

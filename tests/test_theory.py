@@ -8,7 +8,7 @@ import pytest
 
 from rareret.errors import ConfigError
 from rareret.synthetic import theory
-from rareret.synthetic.tasks import TaskMixture
+from rareret.synthetic.spec import TaskMixture
 
 RANK1 = TaskMixture(num_tasks=16, task_dim=1, input_dim=16, beta=1.0)
 # K=2, T=2, π = [0.6, 0.4], λ ∝ [1, 1/2] = [2/3, 1/3]. Utilities: task 0 [0.4, 0.2],

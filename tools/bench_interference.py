@@ -29,15 +29,16 @@ import numpy as np
 
 from rareret.blas_threads import single_threaded_blas
 from rareret.synthetic import runner, sweep, tasks
+from rareret.synthetic.spec import INTERFERENCE_MODES, Sweep, TaskMixture
 
 DEFAULT_GIN = os.path.join(os.path.dirname(__file__), "..", "gin_configs", "synthetic",
                            "default.gin")
 
 
-def default_specs() -> tuple[tasks.TaskMixture, sweep.Sweep]:
+def default_specs() -> tuple[TaskMixture, Sweep]:
     """The specs default.gin binds (parsed with gin, so the benchmark follows the config)."""
-    mixture_cls = gin.external_configurable(tasks.TaskMixture, name="TaskMixture")
-    sweep_cls = gin.external_configurable(sweep.Sweep, name="Sweep")
+    mixture_cls = gin.external_configurable(TaskMixture, name="TaskMixture")
+    sweep_cls = gin.external_configurable(Sweep, name="Sweep")
     gin.parse_config_files_and_bindings([DEFAULT_GIN], ["run.experiment = 'synthetic'"],
                                         skip_unknown=True)
     return mixture_cls(), sweep_cls()
@@ -56,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="default: the config's Sweep.num_steps")
     parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--mode", default="population", choices=sweep.INTERFERENCE_MODES)
+    parser.add_argument("--mode", default="population", choices=INTERFERENCE_MODES)
     args = parser.parse_args()
     print(f"load average: {os.getloadavg()}")
     mixture, base = default_specs()

@@ -56,6 +56,8 @@ import sys
 import time
 
 from rareret import host_malloc
+from rareret.lm.spec import LmTrain
+from rareret.mesh_spec import MeshSpec
 
 NOMINAL_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, SXM parts.
 
@@ -156,10 +158,10 @@ class RareretSide:
         from rareret.lm import ladder, train
 
         vocab = ladder.LADDER[model].vocab_size
-        self.spec = train.LmTrain(model=model, compute_dtype=compute_dtype, vocab_size=vocab,
+        self.spec = LmTrain(model=model, compute_dtype=compute_dtype, vocab_size=vocab,
                                   seq_len=seq_len, global_batch=batch, num_steps=100_000,
                                   seed=seed)
-        mesh = sharding.make_mesh(sharding.MeshSpec())
+        mesh = sharding.make_mesh(MeshSpec())
         self.program = train.LmProgram(self.spec, vocab, mesh)
         if attention != self.program.config.attention:
             # The jitted functions read `program.config` when first traced, i.e. after this.

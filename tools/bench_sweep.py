@@ -45,6 +45,7 @@ import numpy as np
 from rareret.errors import ConfigError, one_line
 from rareret.synthetic import sweep as sweep_lib
 from rareret.synthetic import tasks
+from rareret.synthetic.spec import Sweep, TaskMixture
 
 try:
     import torch
@@ -55,7 +56,7 @@ GEMM_FLOPS_PER_TIMING = 2e10  # About 0.2 s of GEMM per rate measurement.
 METHODS = ("packed", "jax loop", "torch loop")
 
 
-def useful_flops(sweep: sweep_lib.Sweep, mixture: tasks.TaskMixture) -> float:
+def useful_flops(sweep: Sweep, mixture: TaskMixture) -> float:
     """Σ_m (4·B·D·N_m + 6·B·N_m·T): each model's GEMM work at its true width."""
     total_width = sum(sweep.widths) * len(sweep.seeds) * len(sweep.learning_rates)
     batch, dim, task_dim = sweep.batch_size, mixture.input_dim, mixture.task_dim
@@ -65,7 +66,7 @@ def useful_flops(sweep: sweep_lib.Sweep, mixture: tasks.TaskMixture) -> float:
 class Packed:
     """The packed sweep, timed one chunk of `chunk` steps at a time."""
 
-    def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, chunk: int):
+    def __init__(self, mixture: TaskMixture, sweep: Sweep, chunk: int):
         self.program = sweep_lib.SweepProgram(mixture, sweep)
         self.state, self.chunk, self.step = self.program.init(), chunk, 0
         self.run()  # Compiles.
@@ -86,7 +87,7 @@ class JaxLoop:
     a width share that width's jitted program.
     """
 
-    def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, chunk: int):
+    def __init__(self, mixture: TaskMixture, sweep: Sweep, chunk: int):
         self.chunk, self.step = chunk, 0
         one = lambda width, seed: dataclasses.replace(sweep, widths=(width,), seeds=(seed,))
         self.programs = [sweep_lib.SweepProgram(mixture, one(width, 0)) for width in sweep.widths]
@@ -110,7 +111,7 @@ class JaxLoop:
 class TorchLoop:
     """Per model, the straightforward PyTorch toy: Linear encoder, gathered per-task decoders."""
 
-    def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, steps: int):
+    def __init__(self, mixture: TaskMixture, sweep: Sweep, steps: int):
         self.mixture, self.sweep, self.steps = mixture, sweep, steps
         self.priors_K = torch.tensor(mixture.prior_array(), dtype=torch.float32)
         self.sqrt_spectra_KxT = torch.tensor(np.sqrt(mixture.spectra()), dtype=torch.float32)
@@ -205,12 +206,12 @@ def add_shape_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup_steps", type=int, default=1000)
 
 
-def specs(args: argparse.Namespace, seed_counts) -> tuple[tasks.TaskMixture, dict]:
+def specs(args: argparse.Namespace, seed_counts) -> tuple[TaskMixture, dict]:
     """The mixture and one sweep per seed count; a bad value exits with one line."""
     try:
-        mixture = tasks.TaskMixture(num_tasks=args.num_tasks, task_dim=args.task_dim,
+        mixture = TaskMixture(num_tasks=args.num_tasks, task_dim=args.task_dim,
                                     input_dim=args.input_dim, beta=1.5, alpha=2.0)
-        sweeps = {n: sweep_lib.Sweep(widths=args.widths, seeds=tuple(range(n)),
+        sweeps = {n: Sweep(widths=args.widths, seeds=tuple(range(n)),
                                      learning_rate=args.learning_rate,
                                      warmup_steps=args.warmup_steps, batch_size=args.batch_size)
                   for n in seed_counts}
@@ -221,7 +222,7 @@ def specs(args: argparse.Namespace, seed_counts) -> tuple[tasks.TaskMixture, dic
     return mixture, sweeps
 
 
-def encoder_gemm(sweep: sweep_lib.Sweep, mixture: tasks.TaskMixture) -> Gemm:
+def encoder_gemm(sweep: Sweep, mixture: TaskMixture) -> Gemm:
     """The gemm_fraction's denominator: XLA's CPU GEMM [B, D] @ [D, ΣN]."""
     total_width = sum(sweep.widths) * len(sweep.seeds) * len(sweep.learning_rates)
     return Gemm(sweep.batch_size, mixture.input_dim, total_width)

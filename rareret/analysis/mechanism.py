@@ -16,11 +16,12 @@ import numpy as np  # noqa: E402
 
 from rareret.analysis import phase  # noqa: E402
 from rareret.synthetic import tasks, theory  # noqa: E402
+from rareret.synthetic.spec import rarest_task
 
 
 def rare_task(run: phase.SyntheticRun) -> int:
     priors = run.mixture.prior_array()
-    return run.injection.rare(run.mixture) if run.injection else tasks.rarest_task(priors)
+    return run.injection.rare(run.mixture) if run.injection else rarest_task(priors)
 
 
 def representative_models(run: phase.SyntheticRun, gap: int | None = None) -> dict[int, int]:

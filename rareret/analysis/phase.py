@@ -20,15 +20,16 @@ import numpy as np
 from rareret import store
 from rareret.synthetic import sweep as sweep_lib
 from rareret.synthetic import tasks, theory
+from rareret.synthetic.spec import Injection, Sweep, TaskMixture
 
 
 @dataclasses.dataclass
 class SyntheticRun:
     """A synthetic run's specs and committed metrics, loaded with plain numpy."""
 
-    mixture: tasks.TaskMixture
-    sweep: sweep_lib.Sweep
-    injection: tasks.Injection | None
+    mixture: TaskMixture
+    sweep: Sweep
+    injection: Injection | None
     metrics: store.MetricReader
 
     @classmethod
@@ -36,8 +37,8 @@ class SyntheticRun:
         with open(os.path.join(workdir, "spec.json")) as f:
             spec = json.load(f)
         injection = spec.get("injection")
-        return cls(tasks.TaskMixture(**spec["mixture"]), sweep_lib.Sweep(**spec["sweep"]),
-                   tasks.Injection(**injection) if injection else None,
+        return cls(TaskMixture(**spec["mixture"]), Sweep(**spec["sweep"]),
+                   Injection(**injection) if injection else None,
                    store.open_metrics(os.path.join(workdir, "metrics")))
 
     def final(self, name: str) -> np.ndarray:
@@ -45,7 +46,7 @@ class SyntheticRun:
         return self.metrics.read(name)[-1]
 
 
-def learned_threshold(mixture: tasks.TaskMixture) -> np.ndarray:
+def learned_threshold(mixture: TaskMixture) -> np.ndarray:
     """Per-task normalised loss at or below which the task counts as learned, [K]."""
     spectra_KxT = mixture.spectra()
     return 1.0 - spectra_KxT[:, 0] / (2.0 * spectra_KxT.sum(axis=1))
@@ -67,7 +68,7 @@ def critical_widths(learned_WxK: np.ndarray, widths: list[int]) -> np.ndarray:
     return out
 
 
-def predicted_grid_widths(mixture: tasks.TaskMixture, widths: list[int]) -> np.ndarray:
+def predicted_grid_widths(mixture: TaskMixture, widths: list[int]) -> np.ndarray:
     """Smallest grid width ≥ the staircase N*_k(1); 0 if the grid never reaches it, [K]."""
     stairs_K = theory.staircase(mixture, 1)
     grid = np.asarray(sorted(widths))

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rareret.errors import require
-from rareret.lm.model import DTYPES, OlmoConfig, param_shapes
+from rareret.lm.config import OlmoConfig
+from rareret.lm.model import DTYPES, param_shapes
 
 # A param path is a tuple of dict keys; a trailing int selects [:, i] of the fused up_gate kernel.
 # Kinds: "copy" (same layout), "flat" (norm scale, flattened), or an int n_in: a kernel whose first

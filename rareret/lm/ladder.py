@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 
 from rareret.errors import require
-from rareret.lm.model import VARIANTS, OlmoConfig, param_count
+from rareret.lm.config import VARIANTS, OlmoConfig, param_count
 
 PAPER_VOCAB = 50304
 CPU_VOCAB = 512

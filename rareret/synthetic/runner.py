@@ -27,6 +27,7 @@ from rareret.analysis import retention
 from rareret.progress import Progress
 from rareret.synthetic import sweep as sweep_lib
 from rareret.synthetic import tasks, theory
+from rareret.synthetic.spec import Injection, Sweep, TaskMixture
 
 
 def record_specs(program: sweep_lib.SweepProgram) -> dict[str, store.RecordSpec]:
@@ -87,8 +88,8 @@ def coordinate_arrays(program: sweep_lib.SweepProgram) -> dict[str, store.Coord]
     }
 
 
-def spec_dict(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep,
-              injection: tasks.Injection | None) -> dict:
+def spec_dict(mixture: TaskMixture, sweep: Sweep,
+              injection: Injection | None) -> dict:
     """The run's specs as plain JSON values (what `spec.json` holds)."""
     spec = {"experiment": "synthetic", "mixture": dataclasses.asdict(mixture),
             "sweep": dataclasses.asdict(sweep),
@@ -96,8 +97,8 @@ def spec_dict(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep,
     return json.loads(json.dumps(spec, default=list))
 
 
-def run_sweep(mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, workdir: str,
-              injection: tasks.Injection | None = None, show_progress: bool = True) -> bool:
+def run_sweep(mixture: TaskMixture, sweep: Sweep, workdir: str,
+              injection: Injection | None = None, show_progress: bool = True) -> bool:
     """Trains every model of `sweep`, streaming metrics into `<workdir>/metrics/`.
 
     Resumes from the latest checkpoint in `<workdir>/checkpoints/` if there is one (records
@@ -128,8 +129,8 @@ class SweepRun:
     and dispatches that record asynchronously; the host stores the previous record meanwhile.
     """
 
-    def __init__(self, mixture: tasks.TaskMixture, sweep: sweep_lib.Sweep, workdir: str,
-                 injection: tasks.Injection | None = None):
+    def __init__(self, mixture: TaskMixture, sweep: Sweep, workdir: str,
+                 injection: Injection | None = None):
         self.program = program = sweep_lib.SweepProgram(mixture, sweep, injection)
         os.makedirs(workdir, exist_ok=True)
         self.checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))

@@ -10,11 +10,8 @@ Shapes: B batch, D input dim, K tasks, T task dim, M models, S streams, C models
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
-import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,107 +19,14 @@ import numpy as np
 import optax
 
 from rareret import interference
-from rareret.errors import is_int, is_number, require, require_int_fields
 from rareret.synthetic import model, optim, tasks, theory
-
-INTERFERENCE_MODES = ("population", "sampled")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-    """What to train: the models (widths × seeds × learning rates) and for how long.
-
-    Attributes:
-      widths: encoder widths N, each ≤ TaskMixture.input_dim.
-      seeds: model seeds; a model's init depends only on (seed, width).
-      learning_rate: peak AdamW rate, one value or several (a per-model axis; no recompiling).
-      warmup_steps: linear warm-up before the 1/sqrt(step) decay.
-      batch_size: examples per step, shared by all models.
-      num_steps: training steps.
-      record_every: steps between metric records (records also at step 0 and at the end).
-      data_seed: seed of the data stream; batch t is a pure function of (data_seed, t).
-      weight_decay: AdamW decoupled weight decay (PyTorch default 0.01).
-      tile_size: rows per task tile in the decoder pass (speed only; results do not change).
-      interference_every: steps between task × task gradient-interference records (0 = never).
-      interference_mode: "population" (exact gradients under x ~ N(0, I)) or "sampled" (the
-        gradients of that step's batch).
-      checkpoint_every: steps between checkpoints (taken at the first record at or after each
-        multiple, and at the end); a re-run resumes from the latest.
-    """
-
-    widths: Sequence[int] = (2, 4, 8, 16, 32, 64, 128, 256)
-    seeds: Sequence[int] = (0,)
-    learning_rate: float | Sequence[float] = 1e-3
-    warmup_steps: int = 1000
-    batch_size: int = 1024
-    num_steps: int = 100_000
-    record_every: int = 1000
-    data_seed: int = 0
-    weight_decay: float = 0.01
-    tile_size: int = 32
-    interference_every: int = 0
-    interference_mode: str = "population"
-    checkpoint_every: int = 5000
-
-    def __post_init__(self):
-        _require_int_list("Sweep.widths", self.widths, minimum=1)
-        _require_int_list("Sweep.seeds", self.seeds, minimum=0)
-        require(len(self.learning_rates) > 0, "Sweep.learning_rate=[] must name at least one rate")
-        for rate in self.learning_rates:
-            require(is_number(rate) and 0 < rate < math.inf,
-                    f"Sweep.learning_rate={rate!r} must be a finite number > 0")
-        require_int_fields(self, 1, "batch_size", "num_steps", "record_every", "tile_size",
-                           "checkpoint_every")
-        require(self.interference_mode in INTERFERENCE_MODES,
-                f"Sweep.interference_mode={self.interference_mode!r} is not one of "
-                f"{list(INTERFERENCE_MODES)}")
-        require_int_fields(self, 0, "warmup_steps", "data_seed", "interference_every")
-        require(is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf,
-                f"Sweep.weight_decay={self.weight_decay!r} must be a finite number ≥ 0")
-
-    @property
-    def learning_rates(self) -> tuple[float, ...]:
-        rates = self.learning_rate
-        return tuple(rates) if isinstance(rates, (list, tuple)) else (rates,)
-
-    def check_against(self, mixture: tasks.TaskMixture) -> None:
-        """Raises ConfigError if the sweep does not fit the mixture."""
-        for width in self.widths:
-            require(width <= mixture.input_dim,
-                    f"Sweep.widths: width {width} exceeds TaskMixture.input_dim="
-                    f"{mixture.input_dim}")
-
-    def record_steps(self, injection: tasks.Injection | None = None) -> list[int]:
-        """Steps (models' states after that many steps) at which metrics are recorded.
-
-        Step 0, every `record_every` and `interference_every` step, the last step, and for every
-        injection the states just before and just after it.
-        """
-        steps = {0, self.num_steps}
-        steps.update(range(0, self.num_steps, self.record_every))
-        if self.interference_every:
-            steps.update(range(0, self.num_steps, self.interference_every))
-        for gap in injection.gaps if injection else ():
-            for end in range(gap, self.num_steps + 1, gap):  # Injection at step end − 1.
-                steps.update((end - 1, end))
-        return sorted(steps)
-
-
-def _require_int_list(name: str, values, minimum: int) -> None:
-    require(isinstance(values, (list, tuple)) and len(values) > 0,
-            f"{name}={values!r} must be a non-empty list of integers")
-    for value in values:
-        require(is_int(value) and value >= minimum,
-                f"{name}: {value!r} must be an integer ≥ {minimum}")
-    duplicates = sorted({v for v in values if list(values).count(v) > 1})
-    require(not duplicates, f"{name}: duplicate value(s) {duplicates}")
-
+from rareret.synthetic.spec import Injection, Sweep, TaskMixture, rarest_task
 
 class SweepProgram:
     """The compiled pieces of a sweep: init, a chunk of training steps, metrics, interference."""
 
-    def __init__(self, mixture: tasks.TaskMixture, sweep: Sweep,
-                 injection: tasks.Injection | None = None):
+    def __init__(self, mixture: TaskMixture, sweep: Sweep,
+                 injection: Injection | None = None):
         sweep.check_against(mixture)
         if injection:
             injection.check_against(mixture, sweep.batch_size)
@@ -138,7 +42,7 @@ class SweepProgram:
                        "seed": np.array([g[2] for g in grid], np.int64),
                        "learning_rate": np.array([g[3] for g in grid], np.float32)}
         priors_K = mixture.prior_array()
-        self.rare_task = injection.rare(mixture) if injection else tasks.rarest_task(priors_K)
+        self.rare_task = injection.rare(mixture) if injection else rarest_task(priors_K)
         self.frequent_K = np.isin(np.arange(mixture.num_tasks), theory.frequent_tasks(priors_K))
         self.sqrt_spectra_KxT = jnp.sqrt(jnp.asarray(mixture.spectra(), jnp.float32))
         self.maps_KxTxD = model.task_maps(self.sqrt_spectra_KxT, mixture.input_dim)

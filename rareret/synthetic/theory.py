@@ -17,14 +17,10 @@ W widths.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from rareret.errors import require
-
-if TYPE_CHECKING:
-    from rareret.synthetic.tasks import TaskMixture
+from rareret.synthetic.spec import TaskMixture
 
 FREQUENT_MASS = 0.8  # Cumulative prior mass defining the frequent set F (PAPER.md §1).
 MASS_TOLERANCE = 1e-12  # Round-off allowed when comparing cumulative priors with `mass`.

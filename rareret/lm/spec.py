@@ -1,0 +1,81 @@
+"""The language-model experiment's spec, `LmTrain` (no JAX): what to train, on what, and how
+long. Validated on construction; `rareret.lm.train` runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from rareret.errors import is_number, require, require_int_fields
+from rareret.lm import inject, ladder
+from rareret.mesh_spec import MeshSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class LmTrain:
+    """What to train and on what (gin name `LmTrain`).
+
+    Attributes:
+      model: ladder rung (`python -m rareret.lm.ladder` lists them).
+      variant, compute_dtype, remat: passed to the model config.
+      data: a Dolma shard or directory of shards, a `.npy` token file or directory, or "default"
+        (the embedded stdlib-docstring corpus, built offline in the workdir).
+      tokenizer: a tokenizer.json for text data; None trains a byte-level BPE of `vocab_size`
+        on the corpus and saves it in the workdir.
+      vocab_size: BPE size to train, or the vocabulary of `.npy` token data.
+      eos_id: end-of-document id of `.npy` token data.
+      seq_len, global_batch, num_steps: sequence length, sequences per step, steps.
+      learning_rate, warmup_steps, min_lr_ratio: AdamW peak rate, linear warm-up, cosine decay
+        to min_lr_ratio · peak at the last step.
+      weight_decay, clip_norm: AdamW decoupled decay; global-norm gradient clipping.
+      record_every, checkpoint_every: steps between metric records / checkpoints.
+      seed: data order, model init and injection placement.
+      tasks: injected tasks (`inject.TaskSpec`s).
+      eval_instances: test (and train) instances per task used for the task metrics.
+      mesh: device mesh (`MeshSpec`).
+    """
+
+    model: str = "tiny"
+    variant: str = "olmo"
+    compute_dtype: str = "float32"
+    remat: bool = False
+    data: str = "default"
+    tokenizer: str | None = None
+    vocab_size: int = 512
+    eos_id: int = 0
+    seq_len: int = 128
+    global_batch: int = 16
+    num_steps: int = 200
+    learning_rate: float = 3e-4
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    record_every: int = 20
+    checkpoint_every: int = 50
+    seed: int = 0
+    tasks: Sequence[inject.TaskSpec] = ()
+    eval_instances: int = 1000
+    mesh: MeshSpec = MeshSpec()
+
+    def __post_init__(self):
+        require_int_fields(self, 1, "vocab_size", "seq_len", "global_batch", "num_steps",
+                           "record_every", "checkpoint_every", "eval_instances")
+        require_int_fields(self, 0, "warmup_steps", "seed", "eos_id")
+        require(self.warmup_steps < self.num_steps, f"LmTrain.warmup_steps={self.warmup_steps} "
+                f"must be < num_steps={self.num_steps} (warm-up, then cosine decay to the end)")
+        require(is_number(self.learning_rate) and 0 < self.learning_rate < math.inf,
+                f"LmTrain.learning_rate={self.learning_rate!r} must be a finite number > 0")
+        for name in ("min_lr_ratio", "weight_decay"):
+            value = getattr(self, name)
+            require(is_number(value) and 0 <= value <= 1,
+                    f"LmTrain.{name}={value!r} must be a number in [0, 1]")
+        require(is_number(self.clip_norm) and self.clip_norm > 0,
+                f"LmTrain.clip_norm={self.clip_norm!r} must be a number > 0")
+        require(self.seq_len >= inject.INSTANCE_LEN,
+                f"LmTrain.seq_len={self.seq_len} must be ≥ {inject.INSTANCE_LEN} (a task instance)")
+        names = [t.name for t in self.tasks]
+        require(len(set(names)) == len(names), f"LmTrain.tasks: duplicate task names {names}")
+        ladder.config_for(self.model, variant=self.variant, compute_dtype=self.compute_dtype,
+                          remat=self.remat)  # Validates the model fields.
