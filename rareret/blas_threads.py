@@ -2,8 +2,8 @@
 
 On CPU, jaxlib runs eigh and QR through scipy's OpenBLAS/LAPACK. After each call OpenBLAS's
 worker threads busy-wait, and on a small machine they steal the cores XLA's own thread pool is
-training on: measured on 2 cores, the 100-step training chunk after a record (one batched eigh
-for the alignments) ran 26% slower (176 ms vs 140 ms) — with one BLAS thread the difference is
+training on: on 2 cores, the training chunk after a record (one batched eigh for the
+alignments) ran measurably slower than the others; with one BLAS thread the difference is
 gone. The LAPACK calls here are on matrices of at most D × D, so one thread costs nothing.
 """
 

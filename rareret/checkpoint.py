@@ -1,4 +1,4 @@
-"""orbax checkpoints of a train state, an optional grain iterator and a small JSON extra.
+"""orbax checkpoints of a train state and an optional grain iterator.
 
 Saves are synchronous and atomic (orbax writes a temporary directory and renames it on commit,
 so a half-written checkpoint is never picked up). Restores need an abstract target, so optax
@@ -25,22 +25,20 @@ class Checkpoints:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, iterator=None, extra: dict | None = None) -> None:
-        items = {"state": ocp.args.StandardSave(state),
-                 "extra": ocp.args.JsonSave(extra or {})}
+    def save(self, step: int, state, iterator=None) -> None:
+        items = {"state": ocp.args.StandardSave(state)}
         if iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state, iterator=None):
-        """(state, extra) of checkpoint `step`; restores `iterator` in place if given."""
-        items = {"state": ocp.args.StandardRestore(abstract_state),
-                 "extra": ocp.args.JsonRestore()}
+        """The state of checkpoint `step`; restores `iterator` in place if given."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
         if iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], restored["extra"]
+        return restored["state"]
 
     def close(self) -> None:
         self.manager.close()

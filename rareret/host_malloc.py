@@ -2,10 +2,10 @@
 
 XLA's CPU runtime allocates every execution's temporaries afresh. glibc serves a large block
 with mmap (or from a per-thread arena, whose heaps are capped at 64 MiB) and unmaps it again when
-it is freed, so each step touches tens of MiB of new pages: measured on 2 cores, a 4-layer MLP
-stack's training step took 12,800-24,900 minor page faults per call and ran at 40% of the GEMM
-rate; with the settings below the faults fell to a few hundred and the step ran 1.9× faster
-(the `cpu-small` LM step 1.6×). glibc then keeps the process's peak heap for reuse.
+it is freed, so each step touches tens of MiB of new pages: on 2 cores, a small MLP stack's
+training step took thousands of minor page faults per call and ran far below the GEMM rate;
+with the settings below the faults fell to a few hundred and the step (and the `cpu-small` LM
+step) ran markedly faster. glibc then keeps the process's peak heap for reuse.
 
 Only long-running training processes call this (the CLI's LM runs, the LM benchmark), before
 JAX starts its CPU backend: threads created earlier keep the arena they already have. The toy

@@ -4,9 +4,10 @@ Generic over models: the caller supplies a function from parameter *groups* (a t
 parameter sub-trees, e.g. the shared encoder, or each layer's MLP) to per-example losses [B]. The
 forward pass is linearised once; the per-task backward passes run `task_chunk` tasks at a time
 (vmapped cotangents under `lax.map`), so memory holds the chosen groups' gradients for every task,
-never the gradients of all parameters.
+never the gradients of all parameters (docs/method.md §3.6).
 
-Shapes: B batch, T tasks, G parameter groups, P flattened parameters of one group.
+Shapes: see docs/method.md "Shape letters": B batch, K tasks, P flattened parameters of one
+group; parameter groups have no letter ([groups, ...]).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 
 class Interference(NamedTuple):
-    """Per parameter group: Gram [G, T, T], cosine [G, T, T] and gradient norms [G, T].
+    """Per parameter group: Gram [groups, K, K], cosine [groups, K, K] and norms [groups, K].
 
     Cosines involving a zero gradient (e.g. a task absent from the batch) are NaN.
     """
@@ -28,43 +29,44 @@ class Interference(NamedTuple):
     norm: jax.Array
 
 
-def gram_stats(grads_TxP: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gram, cosine and norms of the rows of a [T, P] gradient matrix."""
-    gram_TxT = jnp.matmul(grads_TxP, grads_TxP.T, precision=jax.lax.Precision.HIGHEST)
-    norm_T = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_TxT), 0.0))
-    denom_TxT = norm_T[:, None] * norm_T[None, :]
-    cosine_TxT = jnp.where(denom_TxT > 0, gram_TxT / jnp.where(denom_TxT > 0, denom_TxT, 1.0),
+def gram_stats(grads_KxP: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gram, cosine and norms of the rows of a [K, P] gradient matrix."""
+    gram_KxK = jnp.matmul(grads_KxP, grads_KxP.T, precision=jax.lax.Precision.HIGHEST)
+    norm_K = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_KxK), 0.0))
+    denom_KxK = norm_K[:, None] * norm_K[None, :]
+    cosine_KxK = jnp.where(denom_KxK > 0, gram_KxK / jnp.where(denom_KxK > 0, denom_KxK, 1.0),
                            jnp.nan)
-    return gram_TxT, cosine_TxT, norm_T
+    return gram_KxK, cosine_KxK, norm_K
 
 
 def task_weights(task_B: jax.Array, num_tasks: int) -> jax.Array:
-    """[T, B] weights turning per-example losses into each task's mean loss (0 if absent)."""
-    onehot_TxB = jax.nn.one_hot(task_B, num_tasks, dtype=jnp.float32).T
-    return onehot_TxB / jnp.maximum(onehot_TxB.sum(axis=1, keepdims=True), 1.0)
+    """[K, B] weights turning per-example losses into each task's mean loss (0 if absent)."""
+    onehot_KxB = jax.nn.one_hot(task_B, num_tasks, dtype=jnp.float32).T
+    return onehot_KxB / jnp.maximum(onehot_KxB.sum(axis=1, keepdims=True), 1.0)
 
 
 def task_gradients(example_losses: Callable, groups, task_B: jax.Array, num_tasks: int,
                    task_chunk: int = 8):
-    """Gradients of each task's mean loss w.r.t. `groups`; every leaf gains a leading [T] axis."""
+    """Gradients of each task's mean loss w.r.t. `groups`; every leaf gains a leading [K] axis."""
     _, vjp = jax.vjp(example_losses, groups)
-    weights_TxB = task_weights(task_B, num_tasks)
+    weights_KxB = task_weights(task_B, num_tasks)
     chunk = max(1, min(task_chunk, num_tasks))
     padded = -(-num_tasks // chunk) * chunk
-    weights = jnp.pad(weights_TxB, ((0, padded - num_tasks), (0, 0)))
-    grads = jax.lax.map(lambda w_CxB: jax.vmap(lambda w: vjp(w)[0])(w_CxB),
+    weights = jnp.pad(weights_KxB, ((0, padded - num_tasks), (0, 0)))
+    # lax.map over chunks of tasks; each chunk's weights are [chunk, B].
+    grads = jax.lax.map(lambda chunk_weights: jax.vmap(lambda w: vjp(w)[0])(chunk_weights),
                         weights.reshape(padded // chunk, chunk, -1))
     return jax.tree.map(lambda g: g.reshape((padded,) + g.shape[2:])[:num_tasks], grads)
 
 
 def flatten_tasks(grads) -> jax.Array:
-    """A pytree whose leaves lead with [T] → one [T, P] matrix."""
+    """A pytree whose leaves lead with [K] → one [K, P] matrix."""
     leaves = jax.tree.leaves(grads)
     return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
 
 
 def stats_per_group(grads_by_group) -> Interference:
-    """Interference of each top-level entry of a tuple/list/dict of [T, ...] gradient trees."""
+    """Interference of each top-level entry of a tuple/list/dict of [K, ...] gradient trees."""
     entries = (list(grads_by_group.values()) if isinstance(grads_by_group, dict)
                else list(grads_by_group))
     stats = [gram_stats(flatten_tasks(g)) for g in entries]
@@ -80,7 +82,7 @@ def interference(example_losses: Callable, groups, task_B: jax.Array, num_tasks:
       groups: tuple/list/dict of parameter sub-trees; one matrix per top-level entry, in the
         order given.
       task_B: each example's task id.
-      num_tasks: T.
+      num_tasks: K.
       task_chunk: tasks whose backward passes run together (memory ∝ task_chunk).
     """
     if isinstance(groups, dict):  # jax rebuilds dicts in sorted-key order; keep the caller's.
@@ -92,7 +94,7 @@ def interference(example_losses: Callable, groups, task_B: jax.Array, num_tasks:
     return stats_per_group(grads)
 
 
-def weighted_cosine(gram_TxT: jax.Array, a_T: jax.Array, b_T: jax.Array) -> jax.Array:
-    """Cosine between Σ a_t g_t and Σ b_t g_t, from the Gram matrix of the g_t."""
-    inner = a_T @ gram_TxT @ b_T
-    return inner / jnp.sqrt((a_T @ gram_TxT @ a_T) * (b_T @ gram_TxT @ b_T))
+def weighted_cosine(gram_KxK: jax.Array, a_K: jax.Array, b_K: jax.Array) -> jax.Array:
+    """Cosine between Σ a_k g_k and Σ b_k g_k, from the Gram matrix of the g_k."""
+    inner = a_K @ gram_KxK @ b_K
+    return inner / jnp.sqrt((a_K @ gram_KxK @ a_K) * (b_K @ gram_KxK @ b_K))

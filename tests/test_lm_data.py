@@ -104,11 +104,12 @@ def test_packing_round_trip(default_corpus, tokenizer):
 
     seq_len = 1000
     num_sequences = len(stream) // seq_len
-    epoch_NxL = make_dataset(corpus.tokens, seq_len, num_sequences, seed=0)[0]
-    assert epoch_NxL.shape == (num_sequences, seq_len) and epoch_NxL.dtype == np.int32
-    packed_NxL = stream[: num_sequences * seq_len].reshape(num_sequences, seq_len)
-    order = np.lexsort(epoch_NxL.T[::-1])  # rows sorted, to compare as a set.
-    np.testing.assert_array_equal(epoch_NxL[order], packed_NxL[np.lexsort(packed_NxL.T[::-1])])
+    # One batch holds the whole epoch: B = num_sequences.
+    epoch_BxL = make_dataset(corpus.tokens, seq_len, num_sequences, seed=0)[0]
+    assert epoch_BxL.shape == (num_sequences, seq_len) and epoch_BxL.dtype == np.int32
+    packed_BxL = stream[: num_sequences * seq_len].reshape(num_sequences, seq_len)
+    order = np.lexsort(epoch_BxL.T[::-1])  # rows sorted, to compare as a set.
+    np.testing.assert_array_equal(epoch_BxL[order], packed_BxL[np.lexsort(packed_BxL.T[::-1])])
 
 
 def test_token_files_pack_per_file(tmp_path):

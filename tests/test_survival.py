@@ -1,5 +1,6 @@
-"""Runs that survive (synthetic sweep): kill -9 and SIGTERM resume bit-identically; a diverging
-model is frozen and flagged while the others carry on unchanged."""
+"""Runs that survive (synthetic sweep): kill -9 and SIGTERM resume bit-identically, SIGTERM
+checkpoints at the last committed record whenever it arrives; a diverging model is frozen and
+flagged while the others carry on unchanged."""
 
 import json
 import os
@@ -9,11 +10,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from rareret import store
-from rareret.synthetic import runner, sweep, tasks
+from rareret.run import Run
+from rareret.synthetic import sweep
 from rareret.synthetic.spec import Sweep, TaskMixture
 
 BINDINGS = [
@@ -48,9 +51,11 @@ def arrays(workdir) -> dict:
     return out
 
 
-def run_until(workdir, records: int, sig: int) -> float:
-    """Starts the run, sends `sig` once `records` records are committed; seconds to exit."""
-    proc = subprocess.Popen(command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def run_until(workdir, records: int, sig: int) -> tuple[float, int, str]:
+    """Starts the run, sends `sig` once `records` records are committed; (seconds to exit,
+    exit status, stderr)."""
+    proc = subprocess.Popen(command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.monotonic() + 240
         while committed(workdir) < records and proc.poll() is None:
@@ -59,12 +64,20 @@ def run_until(workdir, records: int, sig: int) -> float:
         assert proc.poll() is None, f"run ended before the kill point: {proc.stderr.read()}"
         sent = time.monotonic()
         proc.send_signal(sig)
-        proc.wait(timeout=60)
-        return time.monotonic() - sent
+        status = proc.wait(timeout=60)
+        return time.monotonic() - sent, status, proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def last_committed_step(workdir) -> int:
+    return int(store.open_metrics(workdir / "metrics").read("step")[-1])
 
 
 @pytest.fixture(scope="module")
@@ -89,31 +102,65 @@ def test_kill9_at_three_points_resumes_bit_identically(reference, tmp_path):
     print(f"kill -9 at {kills} committed records; {num_records} records compared bitwise")
 
 
-def test_sigterm_checkpoints_and_exits_quickly(reference, tmp_path):
+def test_sigterm_checkpoints_at_the_last_record_exits_0_and_resumes(reference, tmp_path):
     workdir = tmp_path / "run"
-    seconds = run_until(workdir, len(reference["step"]) // 3, signal.SIGTERM)
-    assert seconds < 30
-    assert (workdir / "checkpoints").is_dir()
+    seconds, status, stderr = run_until(workdir, len(reference["step"]) // 3, signal.SIGTERM)
+    assert status == 0 and seconds < 30, (status, seconds, stderr)
+    step = last_committed_step(workdir)
+    assert checkpoint_steps(workdir)[-1] == step
+    assert f"preempted: checkpoint saved at step {step}, the last committed record" in stderr
     proc = subprocess.run(command(workdir), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for name, expected in arrays(workdir).items():
         np.testing.assert_array_equal(expected, reference[name], err_msg=name)
-    print(f"SIGTERM → exit in {seconds:.2f} s")
+    print(f"SIGTERM → exit in {seconds:.2f} s, checkpoint at step {step}")
 
 
-def test_sigterm_exit_status_is_zero(tmp_path):
+SIGNAL_MIXTURE = TaskMixture(num_tasks=4, task_dim=3, input_dim=16, beta=1.0)
+SIGNAL_SWEEP = Sweep(widths=(2, 4), batch_size=32, num_steps=40, record_every=10,
+                     checkpoint_every=100, warmup_steps=5)  # Checkpoints only at the end.
+
+
+def run_signalled(workdir, monkeypatch=None, signal_at=None) -> bool:
+    """Runs SIGNAL_SWEEP in-process (records committed at once); with `signal_at`, SIGTERM
+    arrives while steps 10..19 train ("chunk") or while record 10 is fetched ("drain")."""
+    program = sweep.SweepProgram(SIGNAL_MIXTURE, SIGNAL_SWEEP)
+    if signal_at == "chunk":
+        real_train = program.train
+
+        def train(state, start, stop):
+            if start == 10:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_train(state, start, stop)
+        program.train = train
+    elif signal_at == "drain":
+        real_get = jax.device_get
+
+        def device_get(tree):
+            if isinstance(tree, dict) and int(tree.get("step", -1)) == 10:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_get(tree)
+        monkeypatch.setattr(jax, "device_get", device_get)
+    return Run(program, str(workdir), show_progress=False, record_delay=0).execute()
+
+
+@pytest.mark.parametrize("signal_at", ["chunk", "drain"])
+def test_sigterm_during_a_chunk_or_a_drain_checkpoints_at_the_next_record(
+        tmp_path, monkeypatch, capsys, signal_at):
+    """Whenever SIGTERM arrives, the chunk in flight finishes, its record is committed and the
+    checkpoint is saved at that record (20: the chunk 10..19 was training, or record 10 was
+    being fetched while it trained), never at a step without a record and never skipped."""
+    straight = tmp_path / "straight"
+    assert run_signalled(straight)
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        while committed(workdir) < 3 and proc.poll() is None:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        assert "preempted" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    assert run_signalled(workdir, monkeypatch, signal_at) is False
+    assert "preempted: checkpoint saved at step 20" in capsys.readouterr().err
+    assert checkpoint_steps(workdir) == [20] and last_committed_step(workdir) == 20
+    monkeypatch.undo()
+    assert run_signalled(workdir)
+    want, got = (store.open_metrics(d / "metrics") for d in (straight, workdir))
+    for name in want.names():
+        np.testing.assert_array_equal(got.read(name), want.read(name), err_msg=name)
 
 
 MIXTURE = TaskMixture(num_tasks=4, task_dim=3, input_dim=16, beta=1.0)
@@ -121,10 +168,9 @@ MIXTURE = TaskMixture(num_tasks=4, task_dim=3, input_dim=16, beta=1.0)
 
 def test_diverging_model_is_frozen_and_flagged(tmp_path):
     common = dict(widths=(2, 5), batch_size=64, num_steps=60, record_every=20, warmup_steps=5)
-    runner.run_sweep(MIXTURE, Sweep(learning_rate=(1e-3, 1e30), **common),
-                     str(tmp_path / "both"), show_progress=False)
-    runner.run_sweep(MIXTURE, Sweep(learning_rate=1e-3, **common),
-                     str(tmp_path / "sane"), show_progress=False)
+    for name, rates in (("both", (1e-3, 1e30)), ("sane", 1e-3)):
+        program = sweep.SweepProgram(MIXTURE, Sweep(learning_rate=rates, **common))
+        Run(program, str(tmp_path / name), show_progress=False).execute()
     both = store.open_metrics(str(tmp_path / "both" / "metrics"))
     sane = store.open_metrics(str(tmp_path / "sane" / "metrics"))
     diverged = both.read("diverged")
@@ -210,9 +256,10 @@ def test_lm_divergence_stops_with_a_diagnostic(tmp_path):
     proc = subprocess.run(lm_command(workdir, "LmTrain.learning_rate = 1e30",
                                      "LmTrain.clip_norm = 1e30"),
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("rareret: error:")]
-    assert len(lines) == 1 and "diverged by step" in lines[0], proc.stderr
-    # Only finite states were checkpointed.
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert all(s < 48 for s in steps)
+    assert len(lines) == 1 and "diverged" in lines[0] and "by step" in lines[0], proc.stderr
+    # Only finite states were checkpointed, and the message names the latest one.
+    steps = checkpoint_steps(workdir)
+    assert lines[0].endswith(f"the last good checkpoint is step {steps[-1] if steps else None}")
+    assert np.all(np.isfinite(lm_arrays(workdir)["lm_loss"][1:]))

@@ -1,9 +1,11 @@
-"""The task mixture of PAPER.md §1 and its data stream: priors, spectra, batches, validation."""
+"""The task mixture (docs/method.md §1) and its data stream: priors, spectra, batches, checks."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import dataclasses
 
 from rareret.errors import ConfigError
 from rareret.synthetic import tasks
@@ -62,11 +64,22 @@ def test_beta_zero_is_uniform():
     TaskMixture(num_tasks=8, task_dim=16, input_dim=128, complexity_range=(2, 12)),
     MIX,
 ], ids=["alpha2", "alpha0.5", "complexity", "mix"])
-def test_spectra_rows_sum_to_one_and_descend(mixture):
-    lam = mixture.spectra()
-    assert lam.shape == (mixture.num_tasks, mixture.task_dim)
-    np.testing.assert_allclose(lam.sum(axis=1), 1.0, rtol=1e-12)
-    assert np.all(np.diff(lam, axis=1) < 0)
+def test_spectra_rows_descend_at_either_scale(mixture):
+    first = dataclasses.replace(mixture, spectrum_norm="first").spectra()
+    trace = dataclasses.replace(mixture, spectrum_norm="trace").spectra()
+    assert mixture.spectrum_norm == "first"  # The default reproduces the paper's δ_F (theory).
+    for lam in (first, trace):
+        assert lam.shape == (mixture.num_tasks, mixture.task_dim)
+        assert np.all(np.diff(lam, axis=1) < 0)
+    np.testing.assert_array_equal(first[:, 0], 1.0)  # 'first': λ_k1 = 1 for every task.
+    np.testing.assert_allclose(trace.sum(axis=1), 1.0, rtol=1e-12)  # 'trace': Tr C_k = 1.
+    np.testing.assert_allclose(dataclasses.replace(mixture, spectrum_norm="trace").traces(), 1.0,
+                               rtol=1e-12)
+    # Same shape, other scale: λ_kj = j^(−α_k) under 'first'.
+    np.testing.assert_allclose(first, trace / trace[:, :1], rtol=1e-12)
+    np.testing.assert_allclose(mixture.traces(), first.sum(axis=1), rtol=1e-12)
+    j = np.arange(1, mixture.task_dim + 1)
+    np.testing.assert_allclose(first, j[None, :] ** -mixture.alphas()[:, None], rtol=1e-12)
 
 
 def test_power_law_spectrum_shape():
@@ -78,7 +91,7 @@ def test_power_law_spectrum_shape():
 def test_alpha_2_needs_5_directions_for_90_percent_energy():
     lam = TaskMixture(num_tasks=1, task_dim=32, input_dim=32, alpha=2.0).spectra()[0]
     assert directions_for_energy(lam) == 5
-    assert lam[:5].sum() >= 0.9 > lam[:4].sum()
+    assert lam[:5].sum() >= 0.9 * lam.sum() > lam[:4].sum()
 
 
 @pytest.mark.parametrize("lo, hi", [(4, 7), (2, 12)])
@@ -199,6 +212,8 @@ BAD_MIXTURES = [
     ({"complexity_range": (0, 3)}, "(0, 3)"),
     ({"complexity_range": (5, 2)}, "(5, 2)"),
     ({"num_tasks": 2, "complexity_range": (1, 99)}, "99"),
+    ({"spectrum_norm": "sum"}, "spectrum_norm='sum' is not one of ['first', 'trace']"),
+    ({"spectrum_norm": None}, "spectrum_norm=None is not one of ['first', 'trace']"),
 ]
 BAD_SWEEPS = [
     ({"widths": []}, "widths=[]"),

@@ -1,8 +1,8 @@
 """Wall-time overhead of recording gradient interference every 100 steps (issue: goal ≤ 5%).
 
 Trains the default CPU sweep (gin_configs/synthetic/default.gin: 20K steps unless --steps) twice
-in this one process, as `run_sweep` does (`runner.SweepRun`: training, metric records,
-tensorstore writes, checkpoints, one BLAS thread): once as configured and once with
+in this one process, as the `rareret` command does (`rareret.run.Run` advanced one record at a
+time: training, metric records, tensorstore writes, checkpoints, one BLAS thread): once as configured and once with
 `Sweep.interference_every = 100`. The two runs advance in lockstep, taking turns one block of
 `record_every` steps at a time (the order alternates between blocks), and each block ends once
 its records are stored. On a machine whose speed drifts within seconds, comparing neighbouring
@@ -28,7 +28,8 @@ import gin
 import numpy as np
 
 from rareret.blas_threads import single_threaded_blas
-from rareret.synthetic import runner, sweep, tasks
+from rareret.run import Run
+from rareret.synthetic.sweep import SweepProgram
 from rareret.synthetic.spec import INTERFERENCE_MODES, Sweep, TaskMixture
 
 DEFAULT_GIN = os.path.join(os.path.dirname(__file__), "..", "gin_configs", "synthetic",
@@ -44,12 +45,12 @@ def default_specs() -> tuple[TaskMixture, Sweep]:
     return mixture_cls(), sweep_cls()
 
 
-def timed_block(run: runner.SweepRun, end: int) -> float:
+def timed_block(run: Run, end: int) -> float:
     """Seconds to train `run` to step `end` and store its records."""
     start = time.perf_counter()
     while run.step < end:
         run.advance()
-    run.drain()
+    run.fetch()
     return time.perf_counter() - start
 
 
@@ -68,13 +69,17 @@ def main() -> None:
     ends = list(range(base.record_every, base.num_steps, base.record_every)) + [base.num_steps]
     seconds = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as root, single_threaded_blas():
-        runs = {name: runner.SweepRun(mixture, spec, os.path.join(root, str(i)))
+        runs = {name: Run(SweepProgram(mixture, spec), os.path.join(root, str(i)),
+                          show_progress=False)
                 for i, (name, spec) in enumerate(variants.items())}
+        for run in runs.values():
+            run.start()
         for block, end in enumerate(ends):
             order = list(runs) if block % 2 == 0 else list(runs)[::-1]
             for name in order:
                 seconds[name].append(timed_block(runs[name], end))
         for run in runs.values():
+            run.finish()
             run.close()
     without, with_ = (np.asarray(values[1:]) for values in seconds.values())
     overhead = statistics.median(with_ / without) - 1

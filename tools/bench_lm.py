@@ -5,9 +5,9 @@
 
 CPU mode (issue goal: rareret ≥ 1.5× the PyTorch loop). Both sides train the same model from the
 same initial weights on the same fixed batch of random tokens [B, L], in this one process:
-  * rareret: `LmProgram(spec, vocab, mesh)`'s jitted, sharded train step (next-token loss, global
+  * rareret: `LmModel(spec, vocab, mesh)`'s jitted, sharded train step (next-token loss, global
     clip 1.0, AdamW β = (0.9, 0.95), ε = 1e-8, decoupled weight decay 0.1, warm-up + cosine
-    learning rate), state donated, called through `LmProgram.step` as the training loop does.
+    learning rate), state donated, called through `LmModel.step` as the training loop does.
   * PyTorch: `hf_interop.to_hf_model(config, params)` on rareret's initial params (so the shapes
     and weights agree exactly), in train mode, `torch.optim.AdamW` with the same lr, betas, eps
     and weight decay (constant lr: a schedule costs nothing), and a plain loop: forward with
@@ -31,8 +31,8 @@ attention (falling back to XLA attention if cuDNN cannot compile the step). Not 
 tool was written (no GPU); it reuses the CPU path's code with those settings.
 
 Model FLOPs per token (the PaLM / Chinchilla accounting):
-    6·N + 12·n_layers·d_model·L
-with N the non-embedding parameters *including* the output head (n_layers·(4·D² + 3·D·F) + D·V;
+    6·P + 12·n_layers·d_model·L
+with P the non-embedding parameters *including* the output head (n_layers·(4·D² + 3·D·F) + D·V;
 the input embedding is a gather, not a matmul), and 12·n_layers·D·L the attention score and
 value matmuls (QKᵀ and AV, forward + backward, counted without causal masking's savings).
 MFU = achieved model FLOP/s ÷ the GEMM rate measured in this process by a jitted JAX matmul of a
@@ -78,11 +78,11 @@ def pin_cpus(count: int) -> list[int]:
 
 
 def model_flops_per_token(config, seq_len: int) -> float:
-    """6·N + 12·n_layers·d_model·L, N = non-embedding params including the head (docstring)."""
-    from rareret.lm import model as lm_model
+    """6·P + 12·n_layers·d_model·L, P = non-embedding params including the head (docstring)."""
+    from rareret.lm.config import param_count
 
-    n = lm_model.param_count(config)["non_embedding"] + config.d_model * config.vocab_size
-    return 6.0 * n + 12.0 * config.n_layers * config.d_model * seq_len
+    params = param_count(config)["non_embedding"] + config.d_model * config.vocab_size
+    return 6.0 * params + 12.0 * config.n_layers * config.d_model * seq_len
 
 
 def _seconds_per_call(run, min_seconds: float) -> float:
@@ -162,7 +162,7 @@ class RareretSide:
                                   seq_len=seq_len, global_batch=batch, num_steps=100_000,
                                   seed=seed)
         mesh = sharding.make_mesh(MeshSpec())
-        self.program = train.LmProgram(self.spec, vocab, mesh)
+        self.program = train.LmModel(self.spec, vocab, mesh)
         if attention != self.program.config.attention:
             # The jitted functions read `program.config` when first traced, i.e. after this.
             self.program.config = dataclasses.replace(self.program.config, attention=attention)
@@ -280,7 +280,7 @@ def cpu_mode(args) -> dict:
     print(f"CPUs {sorted(os.sched_getaffinity(0))} (XLA and torch); torch threads "
           f"{torch.get_num_threads()}, OMP_WAIT_POLICY {policy}, HF attention "
           f"{torch_side.attention!r}")
-    print(f"model FLOPs/token {flops_per_token:,.0f} = 6·N (N = "
+    print(f"model FLOPs/token {flops_per_token:,.0f} = 6·P (P = "
           f"{(flops_per_token - attention_flops) / 6:,.0f} incl. head) + 12·n_layers·d·L "
           f"({attention_flops:,})")
     print(f"first-step loss: rareret {jax_side.first_loss:.6f}, torch {torch_side.first_loss:.6f}")

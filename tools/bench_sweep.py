@@ -52,7 +52,7 @@ try:
 except ImportError:  # The optional extra `torch`; without it the torch loop is skipped.
     torch = None
 
-GEMM_FLOPS_PER_TIMING = 2e10  # About 0.2 s of GEMM per rate measurement.
+GEMM_FLOPS_PER_TIMING = 2e10  # GEMM work per rate measurement (a fraction of a second on CPU).
 METHODS = ("packed", "jax loop", "torch loop")
 
 
@@ -76,7 +76,7 @@ class Packed:
         start = time.perf_counter()
         out = jax.block_until_ready(self.program.train_chunk(self.state, self.chunk, self.step))
         elapsed = time.perf_counter() - start
-        self.state, self.step = out[0], self.step + self.chunk
+        self.state, self.step = out, self.step + self.chunk
         return elapsed / self.chunk
 
 
@@ -103,7 +103,7 @@ class JaxLoop:
                 start = time.perf_counter()
                 out = jax.block_until_ready(program.train_chunk(state, self.chunk, self.step))
                 seconds[w, s] = (time.perf_counter() - start) / self.chunk
-                row[s] = out[0]
+                row[s] = out
         self.step += self.chunk
         return seconds
 

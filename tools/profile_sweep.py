@@ -81,10 +81,10 @@ def main() -> None:
     mixture, sweeps = specs(args, [args.seeds])
     spec = sweeps[args.seeds]
     program = sweep_lib.SweepProgram(mixture, spec)
-    state, _ = jax.block_until_ready(program.train_chunk(program.init(), args.steps, 0))
+    state = jax.block_until_ready(program.train_chunk(program.init(), args.steps, 0))
     stages = instruction_stages(program.train_chunk.lower(state, args.steps, 0).compile().as_text())
     start = time.perf_counter()
-    state, _ = jax.block_until_ready(program.train_chunk(state, args.steps, args.steps))
+    state = jax.block_until_ready(program.train_chunk(state, args.steps, args.steps))
     wall = (time.perf_counter() - start) / args.steps
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):

@@ -1,9 +1,10 @@
 """Plots of the mechanism: rare-task retention, gradient interference, and the residual plot.
 
-Each function reads a loaded `SyntheticRun` and writes one PNG. Models are picked per width at
-the first seed and learning rate; retention plots use the largest injection gap unless said.
+Each function reads a loaded `SyntheticRun` and writes one PNG (docs/method.md §3, §5). Models
+are picked per width at the first seed and learning rate; retention plots use the largest
+injection gap unless said.
 
-Shapes: R records, M models, K tasks.
+Shapes: see docs/method.md "Shape letters": R records, M models, K tasks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rareret.analysis import phase  # noqa: E402
-from rareret.synthetic import tasks, theory  # noqa: E402
+from rareret.synthetic import theory  # noqa: E402
 from rareret.synthetic.spec import rarest_task
 
 

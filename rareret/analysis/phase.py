@@ -4,9 +4,9 @@ A task counts as *learned* by a model when its normalised loss is at most halfwa
 its first feature gives: ℓ_k ≤ 1 − λ_{k,1} / (2 Tr C_k). For the rank-1 variant that is ℓ_k ≤ 0.5,
 the paper's "learned ⇔ s_k > 0.5". The observed critical width of a task is the smallest grid
 width from which every wider model has learned it; the predicted one is the smallest grid width
-at or above the Theorem-3 staircase N*_k(1).
+at or above the Theorem-3 staircase N*_k(1) (docs/method.md §3.1, §4.4).
 
-Shapes: M models, K tasks, W widths.
+Shapes: see docs/method.md "Shape letters": M models, K tasks, W grid widths.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import os
 import numpy as np
 
 from rareret import store
-from rareret.synthetic import sweep as sweep_lib
-from rareret.synthetic import tasks, theory
+from rareret.errors import ConfigError, require
+from rareret.synthetic import theory
 from rareret.synthetic.spec import Injection, Sweep, TaskMixture
 
 
@@ -34,16 +34,34 @@ class SyntheticRun:
 
     @classmethod
     def load(cls, workdir: str) -> SyntheticRun:
-        with open(os.path.join(workdir, "spec.json")) as f:
-            spec = json.load(f)
+        """The run in `workdir`; ConfigError if it holds none, or one of another experiment."""
+        spec = read_spec(workdir)
+        require(spec.get("experiment") == "synthetic",
+                f"{workdir} holds a run of experiment {spec.get('experiment')!r}; this reads "
+                f"synthetic runs only")
         injection = spec.get("injection")
-        return cls(TaskMixture(**spec["mixture"]), Sweep(**spec["sweep"]),
+        # Runs written before `spectrum_norm` existed used Tr C_k = 1.
+        mixture = TaskMixture(**{"spectrum_norm": "trace", **spec["mixture"]})
+        return cls(mixture, Sweep(**spec["sweep"]),
                    Injection(**injection) if injection else None,
                    store.open_metrics(os.path.join(workdir, "metrics")))
 
     def final(self, name: str) -> np.ndarray:
         """The last committed record of a record array."""
         return self.metrics.read(name)[-1]
+
+
+def read_spec(workdir: str) -> dict:
+    """A run's `spec.json`; ConfigError naming `workdir` if it holds no readable one."""
+    path = os.path.join(workdir, "spec.json")
+    require(os.path.isfile(path), f"{workdir} holds no rareret run (no spec.json)")
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is unreadable: {e}") from e
+    require(isinstance(spec, dict), f"{path} is not a rareret spec (not a JSON object)")
+    return spec
 
 
 def learned_threshold(mixture: TaskMixture) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 Writes WORKDIR/report/{phase_diagram.png, curves.png, report.md}. Reads only committed records,
 so it can run while the sweep is still writing.
+
+Shapes: see docs/method.md "Shape letters": R records, M models, K tasks, W grid widths.
 """
 
 from __future__ import annotations
@@ -140,8 +142,6 @@ def markdown(run: phase.SyntheticRun, comparisons: dict[float, phase.PhaseCompar
 
 def write_report(workdir: str) -> str:
     """Writes the report files and returns the path of report.md."""
-    require(os.path.isfile(os.path.join(workdir, "spec.json")),
-            f"{workdir} holds no rareret run (no spec.json)")
     run = phase.SyntheticRun.load(workdir)
     require(run.metrics.committed_records > 0, f"{workdir}: the run has no committed records yet")
     out = os.path.join(workdir, "report")
@@ -169,3 +169,7 @@ def main(argv: list[str]) -> None:
 
 def run_main() -> None:
     app.run(main)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,4 +1,5 @@
-"""Per-cycle gain and decay of the rare task's corrected alignment under an injection schedule.
+"""Per-cycle gain and decay of the rare task's corrected alignment under an injection schedule
+(docs/method.md §5).
 
 With gap G, the injection of cycle c happens in training step (c+1)·G − 1, so the states just
 before and just after it are those after (c+1)·G − 1 and (c+1)·G steps. For s̃_r, the rare
@@ -7,7 +8,7 @@ task's corrected alignment (s − N/D)/(1 − N/D):
     gain_c  = s̃_r((c+1)·G) − s̃_r((c+1)·G − 1)        jump at the injection
     decay_c = s̃_r((c+1)·G) − s̃_r((c+2)·G − 1)        loss before the next one (NaN for the last)
 
-Shapes: R records, M models, K tasks, Y cycles.
+Shapes: see docs/method.md "Shape letters": R records, M models, K tasks, Y injection cycles.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""The language-model setting of PAPER.md §2: OLMo-style models, data, injected tasks."""
+"""The language-model setting (docs/method.md §6): OLMo-style models, data, injected tasks."""

@@ -1,6 +1,7 @@
 """Language-model data: Dolma-format shards / OLMo token files → tokens → packed batches.
 
-Shapes: B global batch, b = B / process_count local batch, L sequence length, N sequences.
+Shapes: see docs/method.md "Shape letters": B global batch, b = B / process_count local batch,
+L sequence length; a stream's packed sequences [sequences, L] have no letter.
 
 Sources:
   * Dolma shards: JSON lines (`id`, `text`, optional `source`; other fields ignored) in `.json`,
@@ -9,7 +10,7 @@ Sources:
   * OLMo-style token files: 1-D uint16/uint32 `.npy` arrays, memory-mapped, documents already
     separated by EOS (`TokenCorpus.from_token_files`).
 
-Packing: each token stream is cut into N = len // L sequences of exactly L tokens (no padding, the
+Packing: each token stream is cut into len // L sequences of exactly L tokens (no padding, the
 tail dropped); sequences never straddle two streams (files).
 
 Order, a pure function of (seed, step): sequence indices are shuffled per epoch (grain's
@@ -253,21 +254,22 @@ class TokenCorpus:
 # ----------------------------------------------------------------------------- packed batches
 
 class _Sequences:
-    """The packed sequences [N, L] of token streams; a stream's tail (< L tokens) is dropped."""
+    """The packed sequences [sequences, L] of token streams; a stream's tail (< L tokens) is
+    dropped."""
 
     def __init__(self, tokens: np.ndarray | Sequence[np.ndarray], seq_len: int):
         streams = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
         require(streams and all(s.ndim == 1 for s in streams),
                 "make_dataset: tokens must be a 1-D array or a non-empty sequence of them")
-        self.blocks_NxL = [s[: len(s) // seq_len * seq_len].reshape(-1, seq_len) for s in streams]
-        self.starts = np.cumsum([0] + [len(b) for b in self.blocks_NxL])
+        self.blocks = [s[: len(s) // seq_len * seq_len].reshape(-1, seq_len) for s in streams]
+        self.starts = np.cumsum([0] + [len(b) for b in self.blocks])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def rows(self, index_b: np.ndarray) -> np.ndarray:
         block_b = np.searchsorted(self.starts, index_b, side="right") - 1
-        return np.stack([self.blocks_NxL[k][i - self.starts[k]]
+        return np.stack([self.blocks[k][i - self.starts[k]]
                          for k, i in zip(block_b, index_b)]).astype(np.int32)
 
 

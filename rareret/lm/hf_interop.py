@@ -3,10 +3,13 @@
 Checked against transformers' `modeling_olmo.py` / `modeling_olmo2.py`: q/k/v/o_proj,
 gate_proj/up_proj/down_proj and lm_head are bias-free `nn.Linear`s storing weight [out, in];
 RoPE uses rotate_half; OLMo's LayerNorm is non-parametric with eps fixed at 1e-5; OLMo 2 applies
-`q_norm`/`k_norm` to the full [H·K] projections and `post_attention_layernorm` /
+`q_norm`/`k_norm` to the full [H·E] projections and `post_attention_layernorm` /
 `post_feedforward_layernorm` to the sublayer outputs. Exports set `clip_qkv=None`,
 `tie_word_embeddings=False`, `attention_bias=False`, no grouped-query attention, and no special
 token ids (set `pad/bos/eos_token_id` on the returned config to match a tokenizer).
+
+`from_hf_state` maps HF-named tensors (weights, or an HF model's gradients) to our tree with the
+same mapping `from_hf` uses.
 
 torch and transformers are an optional extra, imported only inside these functions.
 """
@@ -174,6 +177,31 @@ def _set(tree: dict, path: tuple, value: np.ndarray) -> None:
     tree[last] = value
 
 
+def from_hf_state(config: OlmoConfig, state) -> dict:
+    """Our parameter tree (float32 numpy) from HF-named tensors: a mapping from every state-dict
+    key `to_hf(config, ...)` writes to a numpy-convertible array in HF's layout.
+
+    The mapping is a pure relayout (transposes, reshapes, the up/gate fusion), so it maps
+    anything laid out like the HF weights, e.g. the gradients of an HF model's loss, to the
+    matching leaves of our tree.
+    """
+    shapes = param_shapes(config)
+    params, parts = {}, {}
+    for path, key, kind in _pairs(config):
+        require(key in state, f"from_hf: checkpoint has no tensor {key!r}")
+        value = np.asarray(state[key], np.float32)
+        fused = isinstance(path[-1], int)
+        shape = _lookup(shapes, path[:-1] if fused else path).shape
+        if fused:
+            parts.setdefault(path[:-1], {})[path[-1]] = _from_hf_layout(
+                value, kind, shape[:1] + shape[2:])
+        else:
+            _set(params, path, _from_hf_layout(value, kind, shape))
+    for path, halves in parts.items():
+        _set(params, path, np.stack([halves[_UP], halves[_GATE]], axis=1))
+    return params
+
+
 def from_hf(model_or_directory, param_dtype: str = "float32") -> tuple[OlmoConfig, dict]:
     """(OlmoConfig, params) from a transformers OLMo / OLMo 2 model or a saved checkpoint dir."""
     torch, transformers = _imports()
@@ -185,18 +213,7 @@ def from_hf(model_or_directory, param_dtype: str = "float32") -> tuple[OlmoConfi
             f"from_hf: got {type(model).__name__}; need a transformers model or a directory")
     config = _config_from_hf(model.config, param_dtype)
     state = model.state_dict()
-    shapes = param_shapes(config)
-    params, parts = {}, {}
-    for path, key, kind in _pairs(config):
-        require(key in state, f"from_hf: checkpoint has no tensor {key!r}")
-        value = state[key].detach().to(torch.float32).cpu().numpy()
-        fused = isinstance(path[-1], int)
-        shape = _lookup(shapes, path[:-1] if fused else path).shape
-        if fused:
-            parts.setdefault(path[:-1], {})[path[-1]] = _from_hf_layout(
-                value, kind, shape[:1] + shape[2:])
-        else:
-            _set(params, path, _from_hf_layout(value, kind, shape))
-    for path, halves in parts.items():
-        _set(params, path, np.stack([halves[_UP], halves[_GATE]], axis=1))
+    params = from_hf_state(config, {
+        key: state[key].detach().to(torch.float32).cpu().numpy()
+        for _, key, _ in _pairs(config) if key in state})
     return config, jax.tree.map(lambda x: jnp.asarray(x, DTYPES[param_dtype]), params)

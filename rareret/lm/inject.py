@@ -1,4 +1,4 @@
-"""Synthetic tasks T_CMP and T_ADD injected into LM training batches (PAPER.md §2).
+"""Synthetic tasks T_CMP and T_ADD injected into LM training batches (docs/method.md §6.5-§6.8).
 
 A task draws a set S of 100 tokens from the vocabulary (never a `reserved` id such as EOS) and a
 random bijection val: S → {0..99}. An instance is (TOK1, TOK2, LABEL):
@@ -22,16 +22,18 @@ instance per sequence. What an `Injector` writes at step t is a pure function of
   rows: a permutation of the B global rows seeded by (injector seed, t); its first rows go to
     the first task's instances, the next ones to the second task's, and so on.
 The capacity check is conservative: the tasks' largest per-step counts must sum to at most B.
-So f ≤ 1/L: PAPER.md's T_ADD rates 7.8e-3 and 9.8e-4 at B = L = 1024 would need 8,179 and up to
+So f ≤ 1/L: the paper's T_ADD rates 7.8e-3 and 9.8e-4 at B = L = 1024 would need 8,179 and up to
 1,028 instances per batch and are rejected (9.8e-4 reads as 1/1024 rounded, which fits exactly).
 
 Evaluation (`eval_batch`): the model sees TOK1 TOK2 and predicts LABEL at position LABEL_POS = 2,
 i.e. from the logits at position 1. Task loss is the cross-entropy of LABEL (split "train" for
 the loss on injected instances). Report accuracy as argmax over the full vocabulary = LABEL on
-the "test" split (PAPER.md's accuracy of predicting LABEL); the argmax restricted to
+the "test" split (the paper's accuracy of predicting LABEL); the argmax restricted to
 `label_candidates` (chance 1/2 for T_CMP, 1/100 for T_ADD) is a secondary diagnostic.
 
-Shapes: B global batch, b per-process batch, L sequence length, N instances, K placed this step.
+Shapes: see docs/method.md "Shape letters": B global batch (in `eval_batch`, the instances
+scored together), b per-process batch, L sequence length, I instance length; instance tables
+[instances, 3] have no letter.
 """
 
 from __future__ import annotations
@@ -119,11 +121,11 @@ def build_task(spec: TaskSpec, vocab_size: int, reserved: Sequence[int] = ()) ->
     values = rng.permutation(NUM_VALUES)
     first, second = np.divmod(np.arange(NUM_VALUES**2), NUM_VALUES)
     labels = _labels(spec.kind, tokens, values, label_tokens, values[first], values[second])
-    instances_Nx3 = np.stack([tokens[first], tokens[second], labels], axis=1)
-    order = rng.permutation(len(instances_Nx3))
+    instances = np.stack([tokens[first], tokens[second], labels], axis=1)  # [10000, 3]
+    order = rng.permutation(len(instances))
     half = len(order) // 2
     return Task(spec, tokens, values, label_tokens,
-                instances_Nx3[order[:half]], instances_Nx3[order[half:]])
+                instances[order[:half]], instances[order[half:]])
 
 
 def _seed_words(spec: TaskSpec, tag: int, *rest: int) -> list[int]:
@@ -146,11 +148,12 @@ def label_candidates(task: Task) -> np.ndarray:
 
 
 def eval_batch(task: Task, eos_id: int, split: str = "test") -> tuple[np.ndarray, int]:
-    """(TOK1 TOK2 LABEL EOS rows [N, 4], LABEL_POS) for one split; see the module docstring."""
+    """(TOK1 TOK2 LABEL EOS rows [B, I], one per instance of the split, and LABEL_POS); see the
+    module docstring."""
     require(split in ("train", "test"), f"eval_batch: split={split!r} must be 'train' or 'test'")
-    instances_Nx3 = task.train if split == "train" else task.test
-    eos_Nx1 = np.full((len(instances_Nx3), 1), eos_id, instances_Nx3.dtype)
-    return np.concatenate([instances_Nx3, eos_Nx1], axis=1), LABEL_POS
+    instances = task.train if split == "train" else task.test
+    eos_column = np.full((len(instances), 1), eos_id, instances.dtype)
+    return np.concatenate([instances, eos_column], axis=1), LABEL_POS
 
 
 def _injected_before(spec: TaskSpec, step: int, tokens_per_batch: int) -> int:
@@ -177,12 +180,12 @@ def _stream(task: Task, start: int, count: int) -> np.ndarray:
     n = len(task.train)
     positions = np.arange(start, start + count)
     epochs = positions // n
-    out_Kx3 = np.empty((count, 3), task.train.dtype)
+    out = np.empty((count, 3), task.train.dtype)
     for epoch in np.unique(epochs):
         order = np.random.default_rng(_seed_words(task.spec, _ORDER, int(epoch))).permutation(n)
         here = epochs == epoch
-        out_Kx3[here] = task.train[order[positions[here] % n]]
-    return out_Kx3
+        out[here] = task.train[order[positions[here] % n]]
+    return out
 
 
 class Injector:
@@ -201,8 +204,7 @@ class Injector:
                     f"Injector.{name}={value!r} must be an integer ≥ {lows[name]}")
         require_process_slice("Injector", global_batch, process_index, process_count)
         names = [task.spec.name for task in tasks]
-        require(len(names) >= 1 and len(set(names)) == len(names),
-                f"Injector: task names {names} must be unique, at least one task")
+        require(len(set(names)) == len(names), f"Injector: task names {names} must be unique")
         self.tasks = tuple(tasks)
         self.global_batch, self.seq_len, self.eos_id, self.seed = (
             global_batch, seq_len, eos_id, seed)
@@ -244,21 +246,22 @@ class Injector:
         require(batch_bxL.shape == expected and np.issubdtype(batch_bxL.dtype, np.integer),
                 f"Injector.inject: batch of shape {batch_bxL.shape} and dtype {batch_bxL.dtype}; "
                 f"expected integer tokens of shape {expected}")
-        rows_K, instances_Kx3 = self._placements(step)
-        local = (rows_K >= self.first_row) & (rows_K < self.first_row + self.local_batch)
-        rows = rows_K[local] - self.first_row
+        placed_rows, placed = self._placements(step)
+        local = (placed_rows >= self.first_row) & (placed_rows < self.first_row + self.local_batch)
+        rows = placed_rows[local] - self.first_row
         out_bxL = batch_bxL.copy()
-        out_bxL[rows, :3] = instances_Kx3[local]
+        out_bxL[rows, :3] = placed[local]
         out_bxL[rows, 3] = self.eos_id
         mask_bxL = np.zeros(expected, dtype=bool)
         mask_bxL[rows, :INSTANCE_LEN] = True
         return out_bxL, mask_bxL
 
     def _placements(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(global rows [K], instances [K, 3]) placed at `step`, tasks in order."""
+        """(global rows [count], instances [count, 3]) placed at `step`, tasks in order."""
         counts = self.counts(step)
-        instances_Kx3 = np.concatenate(
-            [_stream(t, _injected_before(t.spec, step, self.tokens_per_batch),
-                     counts[t.spec.name]) for t in self.tasks])
+        placed = np.concatenate(
+            [np.zeros((0, 3), np.int64)]  # No task: nothing placed.
+            + [_stream(t, _injected_before(t.spec, step, self.tokens_per_batch),
+                       counts[t.spec.name]) for t in self.tasks])
         rng = np.random.default_rng([self.seed, _ROWS, step])
-        return rng.permutation(self.global_batch)[:len(instances_Kx3)], instances_Kx3
+        return rng.permutation(self.global_batch)[:len(placed)], placed

@@ -1,8 +1,8 @@
-"""Named model sizes: the paper's OLMo ladder (PAPER.md §2) plus small CPU rungs.
+"""Named model sizes: the paper's OLMo ladder (docs/method.md §6.2) plus small CPU rungs.
 
 A rung is (layers, d_model, fused MLP up-projection size, heads, default vocabulary). The paper
 prints parameter counts in its Table 1; those numbers were not available here, so the counts come
-from `model.param_count` (a formula, tested against the initialised tree). At vocab 50,304 the rung
+from `config.param_count` (a formula, tested against the initialised tree). At vocab 50,304 the rung
 names follow OLMo's count without the input embedding (`olmo_non_embedding`: 3.7M, 19.1M, 320M,
 1.18B, 4.5B). The CPU rungs default to a 512-token vocabulary; pass `vocab_size` to match a
 tokenizer.
@@ -65,7 +65,7 @@ def _human(count: int) -> str:
 
 
 def format_ladder(variant: str = "olmo") -> str:
-    """The ladder as a text table with parameter counts (see `model.param_count`)."""
+    """The ladder as a text table with parameter counts (see `config.param_count`)."""
     header = ("rung", "layers", "d_model", "mlp_up", "heads", "vocab", "total", "non_embedding",
               "olmo_non_emb", "≈")
     rows = [header]

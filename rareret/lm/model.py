@@ -1,4 +1,4 @@
-"""OLMo-style decoder-only transformer (PAPER.md §2) in Flax linen.
+"""OLMo-style decoder-only transformer (docs/method.md §6.1) in Flax linen.
 
 Variants (`OlmoConfig.variant`):
 - "olmo", the OLMo-7B-0724 recipe: pre-norm blocks x + attn(ln(x)), x + mlp(ln(x)) with a
@@ -15,27 +15,28 @@ weights port to HF `OlmoForCausalLM` / `Olmo2ForCausalLM` unchanged (see `hf_int
 Why linen rather than NNX: `Module.apply` already is the pure `(params, tokens) -> logits` that a
 jitted, sharded train step wants; `nn.with_logical_partitioning` attaches logical axis names at init
 only, and `nn.with_logical_constraint` is a no-op unless logical-axis rules are active, so the same
-code runs on a plain CPU and under `jax.set_mesh` + `nn.logical_axis_rules` (ECOSYSTEM.md §4).
+code runs on a plain CPU and under `jax.set_mesh` + `nn.logical_axis_rules`.
 NNX would need split/merge to keep the hot loop functional, and its `with_partitioning` raises
 without a mesh in context.
 
 Parameter tree (logical axes in brackets; `None` = never sharded):
   embedding                  [V, D]     (vocab, embed)
-  block_{i}/attn/query|key|value [D, H, K]  (embed, heads, kv)
-  block_{i}/attn/out         [H, K, D]  (heads, kv, embed)
+  block_{i}/attn/query|key|value [D, H, E]  (embed, heads, kv)
+  block_{i}/attn/out         [H, E, D]  (heads, kv, embed)
   block_{i}/mlp/up_gate      [D, 2, F]  (embed, None, mlp)  [:, 0] = up, [:, 1] = gate (OLMo's
                                         fused ff_proj order), split on its own axis so sharding
                                         `mlp` keeps each up/gate pair on one device
   block_{i}/mlp/down         [F, D]     (mlp, embed)
   head                       [D, V]     (embed, vocab)
-  olmo2 only: block_{i}/attn/query_norm|key_norm [H, K] (heads, kv);
+  olmo2 only: block_{i}/attn/query_norm|key_norm [H, E] (heads, kv);
               block_{i}/attn_out_norm, block_{i}/mlp_out_norm, final_norm [D] (embed)
 
 Init (the paper does not give one): weights truncated normal, std 0.02 cut at ±3σ (OLMo's "normal"
 init with cutoff factor 3); norm scales 1. Params are stored in `param_dtype` (float32) and cast to
 `compute_dtype` at use; norms, softmax and logits are computed in float32.
 
-Shapes: B batch, L sequence, D d_model, H heads, K head dim, F MLP hidden, V vocab.
+Shapes: see docs/method.md "Shape letters": B batch, L sequence length, D d_model, H heads,
+E head dimension, F MLP hidden width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -92,21 +93,21 @@ def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def _rope_tables(config: OlmoConfig, length: int) -> tuple[jax.Array, jax.Array]:
-    """cos and sin, each [L, K], for positions 0..L-1 in HF's rotate_half layout."""
-    k = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+    """cos and sin, each [L, E], for positions 0..L-1 in HF's rotate_half layout."""
+    e = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
     angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    angles_LxK = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles_LxK), jnp.sin(angles_LxK)
+    angles_LxE = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles_LxE), jnp.sin(angles_LxE)
 
 
-def _rotate(x_BxLxHxK: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
+def _rotate(x_BxLxHxE: jax.Array, cos_LxE: jax.Array, sin_LxE: jax.Array) -> jax.Array:
     """RoPE in the rotate_half layout, computed in float32."""
-    x = x_BxLxHxK.astype(jnp.float32)
+    x = x_BxLxHxE.astype(jnp.float32)
     first, second = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)
-    out = x * cos_LxK[:, None, :] + rotated * sin_LxK[:, None, :]
-    return out.astype(x_BxLxHxK.dtype)
+    out = x * cos_LxE[:, None, :] + rotated * sin_LxE[:, None, :]
+    return out.astype(x_BxLxHxE.dtype)
 
 
 def _matmul(x: jax.Array, w: jax.Array, contract: int = 1, **kwargs) -> jax.Array:
@@ -114,56 +115,56 @@ def _matmul(x: jax.Array, w: jax.Array, contract: int = 1, **kwargs) -> jax.Arra
     over all tokens: [..., *w.shape[:contract]] -> [..., *w.shape[contract:]].
 
     On XLA's CPU backend the same contraction written as a multi-axis einsum ("bld,dtf->bltf")
-    ran about 3× slower forward + backward (layout copies around XNNPACK dots); the reshapes here
-    are free.
+    ran slower forward + backward (layout copies around XNNPACK dots); the reshapes here are
+    free.
     """
     lead, inner = x.shape[:x.ndim - contract], math.prod(w.shape[:contract])
     out = jnp.matmul(x.reshape(-1, inner), w.reshape(inner, -1), **kwargs)
     return out.reshape(*lead, *w.shape[contract:])
 
 
-def _causal_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
+def _causal_attention(q_BxLxHxE: jax.Array, k_BxLxHxE: jax.Array, v_BxLxHxE: jax.Array,
                       implementation: str) -> jax.Array:
-    """Causal softmax attention, [B, L, H, K] -> [B, L, H, K], softmax in float32.
+    """Causal softmax attention, [B, L, H, E] -> [B, L, H, E], softmax in float32.
 
     "cudnn" uses `jax.nn.dot_product_attention`'s flash kernel; "xla" is written out here (two
-    einsums, a masked softmax), which XLA's CPU backend ran 1.5-1.7× faster forward + backward
-    than `jax.nn.dot_product_attention(implementation="xla")` at head dims 8-32.
+    einsums, a masked softmax), which XLA's CPU backend ran faster forward + backward than
+    `jax.nn.dot_product_attention(implementation="xla")` at head dims 8-32.
     """
     if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
+        return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, is_causal=True,
                                             implementation="cudnn")
-    length, head_dim = q_BxLxHxK.shape[1], q_BxLxHxK.shape[3]
-    scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
+    length, head_dim = q_BxLxHxE.shape[1], q_BxLxHxE.shape[3]
+    scores_BxHxLxL = jnp.einsum("bqhe,bshe->bhqs", q_BxLxHxE, k_BxLxHxE,
                                 preferred_element_type=jnp.float32) * head_dim ** -0.5
     causal_LxL = jnp.tril(jnp.ones((length, length), bool))
     scores_BxHxLxL = jnp.where(causal_LxL, scores_BxHxLxL, -jnp.inf)
-    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
-    return jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
+    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(v_BxLxHxE.dtype)
+    return jnp.einsum("bhqs,bshe->bqhe", probs_BxHxLxL, v_BxLxHxE)
 
 
 class _Attention(nn.Module):
     config: OlmoConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos_LxK, sin_LxK):
+    def __call__(self, x_BxLxD, cos_LxE, sin_LxE):
         config = self.config
-        d, h, k = config.d_model, config.n_heads, config.head_dim
+        d, h, e = config.d_model, config.n_heads, config.head_dim
         qkv_axes = ("batch", "length", "heads", "kv")
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-            _matmul(x_BxLxD, _weight(self, name, (d, h, k), ("embed", "heads", "kv")))
+        q_BxLxHxE, k_BxLxHxE, v_BxLxHxE = (
+            _matmul(x_BxLxD, _weight(self, name, (d, h, e), ("embed", "heads", "kv")))
             for name in ("query", "key", "value"))
         if config.variant == "olmo2":
-            q_scale = _norm_scale(self, "query_norm", (h, k), ("heads", "kv"))
-            k_scale = _norm_scale(self, "key_norm", (h, k), ("heads", "kv"))
-            q_BxLxHxK = _rms_norm(q_BxLxHxK, q_scale, config.layer_norm_eps)
-            k_BxLxHxK = _rms_norm(k_BxLxHxK, k_scale, config.layer_norm_eps)
-        q_BxLxHxK = nn.with_logical_constraint(_rotate(q_BxLxHxK, cos_LxK, sin_LxK), qkv_axes)
-        k_BxLxHxK = nn.with_logical_constraint(_rotate(k_BxLxHxK, cos_LxK, sin_LxK), qkv_axes)
-        v_BxLxHxK = nn.with_logical_constraint(v_BxLxHxK, qkv_axes)
-        out_BxLxHxK = _causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, config.attention)
-        out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, qkv_axes)
-        return _matmul(out_BxLxHxK, _weight(self, "out", (h, k, d), ("heads", "kv", "embed")),
+            q_scale = _norm_scale(self, "query_norm", (h, e), ("heads", "kv"))
+            k_scale = _norm_scale(self, "key_norm", (h, e), ("heads", "kv"))
+            q_BxLxHxE = _rms_norm(q_BxLxHxE, q_scale, config.layer_norm_eps)
+            k_BxLxHxE = _rms_norm(k_BxLxHxE, k_scale, config.layer_norm_eps)
+        q_BxLxHxE = nn.with_logical_constraint(_rotate(q_BxLxHxE, cos_LxE, sin_LxE), qkv_axes)
+        k_BxLxHxE = nn.with_logical_constraint(_rotate(k_BxLxHxE, cos_LxE, sin_LxE), qkv_axes)
+        v_BxLxHxE = nn.with_logical_constraint(v_BxLxHxE, qkv_axes)
+        out_BxLxHxE = _causal_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, config.attention)
+        out_BxLxHxE = nn.with_logical_constraint(out_BxLxHxE, qkv_axes)
+        return _matmul(out_BxLxHxE, _weight(self, "out", (h, e, d), ("heads", "kv", "embed")),
                        contract=2)
 
 
@@ -174,7 +175,7 @@ class _Mlp(nn.Module):
     def __call__(self, x_BxLxD):
         d, f = self.config.d_model, self.config.mlp_hidden
         up_gate_Dx2xF = _weight(self, "up_gate", (d, 2, f), ("embed", None, "mlp"))
-        # Two GEMMs, one per half: 12% faster alone than one [D, 2F] GEMM whose output is sliced.
+        # Two GEMMs, one per half: faster alone than one [D, 2F] GEMM whose output is sliced.
         up_BxLxF, gate_BxLxF = (
             nn.with_logical_constraint(_matmul(x_BxLxD, up_gate_Dx2xF[:, i]),
                                        ("batch", "length", "mlp")) for i in (0, 1))
@@ -186,18 +187,18 @@ class _Block(nn.Module):
     config: OlmoConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos_LxK, sin_LxK):
+    def __call__(self, x_BxLxD, cos_LxE, sin_LxE):
         config = self.config
         attn, mlp = _Attention(config, name="attn"), _Mlp(config, name="mlp")
         eps = config.layer_norm_eps
         if config.variant == "olmo":
-            x_BxLxD = x_BxLxD + attn(_layer_norm(x_BxLxD, eps), cos_LxK, sin_LxK)
+            x_BxLxD = x_BxLxD + attn(_layer_norm(x_BxLxD, eps), cos_LxE, sin_LxE)
             x_BxLxD = x_BxLxD + mlp(_layer_norm(x_BxLxD, eps))
         else:
             d = config.d_model
             attn_scale = _norm_scale(self, "attn_out_norm", (d,), ("embed",))
             mlp_scale = _norm_scale(self, "mlp_out_norm", (d,), ("embed",))
-            x_BxLxD = x_BxLxD + _rms_norm(attn(x_BxLxD, cos_LxK, sin_LxK), attn_scale, eps)
+            x_BxLxD = x_BxLxD + _rms_norm(attn(x_BxLxD, cos_LxE, sin_LxE), attn_scale, eps)
             x_BxLxD = x_BxLxD + _rms_norm(mlp(x_BxLxD), mlp_scale, eps)
         return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
@@ -220,11 +221,11 @@ class Decoder(nn.Module):
             (config.vocab_size, config.d_model), DTYPES[config.param_dtype])
         x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(compute)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
-        cos_LxK, sin_LxK = _rope_tables(config, tokens_BxL.shape[1])
+        cos_LxE, sin_LxE = _rope_tables(config, tokens_BxL.shape[1])
         block = nn.remat(_Block) if config.remat else _Block
         hidden = [x_BxLxD]
         for i in range(config.n_layers):
-            x_BxLxD = block(config, name=f"block_{i}")(x_BxLxD, cos_LxK, sin_LxK)
+            x_BxLxD = block(config, name=f"block_{i}")(x_BxLxD, cos_LxE, sin_LxE)
             hidden.append(x_BxLxD)
         if config.variant == "olmo":
             x_BxLxD = _layer_norm(x_BxLxD, config.layer_norm_eps)

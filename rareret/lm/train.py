@@ -1,48 +1,44 @@
-"""The sharded language-model loop (PAPER.md §2): an OLMo-style decoder on packed text with rare
-synthetic tasks injected at controlled frequencies.
+"""The language-model experiment's program: an OLMo-style decoder trained on packed text with
+rare synthetic tasks injected at controlled frequencies (docs/method.md §6), run by
+`rareret.run.Run`.
 
 Per step: the grain iterator yields this process's rows of the global batch, the `Injector` writes
 task instances over the first tokens of chosen rows, the rows become one global array sharded
 over (data, fsdp), and a jitted step (parameters and optimiser state sharded by the logical-axis
 rules of `rareret.sharding`, state donated) applies AdamW with warm-up + cosine decay.
 
-Records (`<workdir>/metrics/`, every `record_every` steps and at the end): `lm_loss` [record]
-(mean training loss since the previous record), `task_loss` [record, task] (cross-entropy of
-LABEL on the task's injected train instances) and `task_accuracy` [record, task] (full-vocabulary
-argmax = LABEL on its held-out test instances). Checkpoints (orbax, `<workdir>/checkpoints/`)
-hold the train state, the grain iterator state and the losses not yet recorded; a restart
-resumes from the latest one and rolls the arrays back to it, so a resumed run's arrays equal an
-uninterrupted run's.
+Records (every `record_every` steps and at the end): `lm_loss` [record] (mean training loss over
+the steps since the previous record), `task_loss` [record, task] (cross-entropy of LABEL on the
+task's injected train instances) and `task_accuracy` [record, task] (full-vocabulary argmax =
+LABEL on its held-out test instances). The run's checkpoints hold the train state and the grain
+iterator's state.
 
-Shapes: B global batch, b local batch, L sequence, V vocab, N eval instances.
+Shapes (docs/method.md "Shape letters"): B global batch, b local batch, L sequence, V vocab,
+I instance length.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import sys
-import time
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import tokenizers
-from jax.experimental import multihost_utils
 
-from rareret import sharding, store
-from rareret.checkpoint import Checkpoints
-from rareret.preemption import PreemptionGuard
-from rareret.errors import ConfigError, is_number, one_line, require, require_int_fields
+from rareret import processes, sharding, store
+from rareret.errors import ConfigError, require
 from rareret.lm import corpus, data, inject, ladder
 from rareret.lm import model as lm_model
-from rareret.progress import Progress
+from rareret.lm.optim import optimizer
+from rareret.lm.spec import LmTrain
+from rareret.run import Program
 
 VOCAB_MULTIPLE = 128  # Pad the model vocabulary (OLMo: 50,280 → 50,304).
+DATA_DIR, TOKENIZER_FILE = "data", "tokenizer.json"  # The program's files in the workdir.
 
 
 @dataclasses.dataclass
@@ -57,41 +53,14 @@ class UserData:
 
 
 def read_inputs(spec: LmTrain) -> UserData:
-    """Reads and validates everything `run_lm` will read (mesh, tokenizer, data), so bad input
+    """Reads and validates everything the run will read (mesh, tokenizer, data), so bad input
     fails before the workdir is touched; the data is kept, so it is read only once.
 
     Every process of a multi-process run calls it: when one process's input is bad (say, a
-    file missing on its host), all of them raise, instead of the others waiting for it in their
-    first collective.
+    file missing on its host), all of them raise (`processes.agree`).
     """
     device_count = jax.device_count()  # Starts the backend: every process reaches the check.
-    try:
-        inputs, error = _read_inputs(spec, device_count), None
-    except ConfigError as e:
-        inputs, error = None, e
-    failures = _process_errors(error)
-    if error:
-        raise error
-    if failures:  # Another process's input was bad: its message, naming the process.
-        raise ConfigError(failures[min(failures)])
-    return inputs
-
-
-_MESSAGE_BYTES = 512
-
-
-def _process_errors(error: ConfigError | None) -> dict[int, str]:
-    """Every process's one-line error, by process index (a collective in multi-process runs)."""
-    if jax.process_count() == 1:
-        return {}
-    encoded = np.zeros(_MESSAGE_BYTES, np.uint8)
-    if error:
-        text = one_line(error).encode()[:_MESSAGE_BYTES]
-        encoded[:len(text)] = np.frombuffer(text, np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(encoded)).reshape(
-        jax.process_count(), _MESSAGE_BYTES)
-    return {p: f"process {p}: " + bytes(row).rstrip(b"\0").decode(errors="replace")
-            for p, row in enumerate(gathered) if row.any()}
+    return processes.agree(lambda: _read_inputs(spec, device_count))
 
 
 def _read_inputs(spec: LmTrain, device_count: int) -> UserData:
@@ -120,12 +89,6 @@ def _holds(directory: str, suffixes) -> bool:
         return False
 
 
-def sync_processes(name: str) -> None:
-    """A barrier across the processes of a multi-process run; nothing on one process."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
 def padded_vocab(size: int) -> int:
     return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
@@ -147,28 +110,19 @@ def load_corpus(spec: LmTrain, workdir: str, inputs: UserData) -> Corpus:
     documents, inputs.documents = inputs.documents, None
     if documents is None:  # The embedded corpus: process 0 writes it; the others wait.
         path = os.path.join(workdir, "data", "stdlib_docs.json.gz")
-        if jax.process_index() == 0:
+        if processes.is_writer():
             corpus.write_default_corpus(path)
-        sync_processes("rareret.lm: default corpus written")
+        processes.barrier("rareret.lm: default corpus written")
         documents = list(data.read_documents(path))
     tokenizer = inputs.tokenizer
     if tokenizer is None:
         saved = os.path.join(workdir, "tokenizer.json")
-        if jax.process_index() == 0 and not os.path.exists(saved):
+        if processes.is_writer() and not os.path.exists(saved):
             data.train_tokenizer((d.text for d in documents), spec.vocab_size, saved)
-        sync_processes("rareret.lm: tokenizer trained")
+        processes.barrier("rareret.lm: tokenizer trained")
         tokenizer = data.load_tokenizer(saved)
     token_corpus = data.TokenCorpus.from_documents(documents, tokenizer)
     return Corpus(token_corpus.tokens, token_corpus.vocab_size, token_corpus.eos_id)
-
-
-def optimizer(spec: LmTrain) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, spec.learning_rate, max(spec.warmup_steps, 1), max(spec.num_steps, 2),
-        end_value=spec.learning_rate * spec.min_lr_ratio)
-    return optax.chain(optax.clip_by_global_norm(spec.clip_norm),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8,
-                                   weight_decay=spec.weight_decay))
 
 
 def next_token_loss(config, params, tokens_BxL) -> jax.Array:
@@ -177,18 +131,29 @@ def next_token_loss(config, params, tokens_BxL) -> jax.Array:
         logits_BxLxV[:, :-1], tokens_BxL[:, 1:]).mean()
 
 
-class LmProgram:
+def model_config(spec: LmTrain, vocab_size: int) -> lm_model.OlmoConfig:
+    """The model of `spec` over a vocabulary of `vocab_size` tokens (padded)."""
+    return ladder.config_for(spec.model, vocab_size=padded_vocab(vocab_size),
+                             variant=spec.variant, compute_dtype=spec.compute_dtype,
+                             remat=spec.remat, max_seq_len=max(spec.seq_len, 16))
+
+
+def param_shardings(config: lm_model.OlmoConfig, mesh):
+    """The parameters' shardings on `mesh`; ConfigError if a mesh axis does not divide one."""
+    shardings = sharding.logical_sharding(lm_model.logical_partition_specs(config), mesh)
+    sharding.check_divisible(lm_model.param_shapes(config), shardings)
+    return shardings
+
+
+class LmModel:
     """The sharded, compiled pieces of an LM run: init, train step and task evaluation."""
 
     def __init__(self, spec: LmTrain, vocab_size: int, mesh):
         self.spec, self.mesh = spec, mesh
-        self.config = ladder.config_for(spec.model, vocab_size=padded_vocab(vocab_size),
-                                        variant=spec.variant, compute_dtype=spec.compute_dtype,
-                                        remat=spec.remat, max_seq_len=max(spec.seq_len, 16))
+        self.config = model_config(spec, vocab_size)
         self.tx = optimizer(spec)
-        param_sh = sharding.logical_sharding(lm_model.logical_partition_specs(self.config), mesh)
+        param_sh = param_shardings(self.config, mesh)
         abstract_params = lm_model.param_shapes(self.config)
-        sharding.check_divisible(abstract_params, param_sh)
         opt_sh = optax.tree_map_params(
             self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, abstract_params), param_sh,
             transform_non_params=lambda _: sharding.replicated(mesh))
@@ -231,11 +196,11 @@ class LmProgram:
         batch = jax.make_array_from_process_local_data(self.batch_sharding, local_batch_bxL)
         return self._traced(self.train_step, state, batch)
 
-    def _task_metrics(self, params, tokens_NxI, labels_N):
+    def _task_metrics(self, params, tokens_BxI, labels_B):
         """(mean CE of LABEL, accuracy of argmax = LABEL) given TOK1 TOK2, per instance set."""
-        logits_NxV = lm_model.apply(self.config, params, tokens_NxI)[:, inject.LABEL_POS - 1]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits_NxV, labels_N).mean()
-        return loss, jnp.mean(jnp.argmax(logits_NxV, axis=-1) == labels_N)
+        logits_BxV = lm_model.apply(self.config, params, tokens_BxI)[:, inject.LABEL_POS - 1]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxV, labels_B).mean()
+        return loss, jnp.mean(jnp.argmax(logits_BxV, axis=-1) == labels_B)
 
     def evaluate(self, params, eval_sets) -> dict[str, np.ndarray]:
         losses, accuracies = [], []
@@ -265,16 +230,11 @@ def eval_sets(tasks: list[inject.Task], eos_id: int, count: int):
     for task in tasks:
         pair = []
         for split in ("train", "test"):
-            tokens_NxI, label_pos = inject.eval_batch(task, eos_id, split)
-            tokens_NxI = np.asarray(tokens_NxI[:count], np.int32)
-            pair.append((tokens_NxI, tokens_NxI[:, label_pos]))
+            tokens_BxI, label_pos = inject.eval_batch(task, eos_id, split)
+            tokens_BxI = np.asarray(tokens_BxI[:count], np.int32)
+            pair.append((tokens_BxI, tokens_BxI[:, label_pos]))
         out.append(tuple(pair))
     return out
-
-
-def write_spec(workdir: str, spec: LmTrain) -> None:
-    with open(os.path.join(workdir, "spec.json"), "w") as f:
-        json.dump(spec_dict(spec), f, indent=2)
 
 
 def spec_dict(spec: LmTrain) -> dict:
@@ -282,102 +242,84 @@ def spec_dict(spec: LmTrain) -> dict:
                                                             default=list))}
 
 
-def run_lm(spec: LmTrain, workdir: str, show_progress: bool = True,
-           inputs: UserData | None = None) -> bool:
-    """Trains (or resumes) the LM run in `workdir`; False if stopped early by SIGTERM/SIGINT.
+class LmProgram(Program):
+    """The LM experiment as a `rareret.run.Program`.
 
-    `inputs`: the data from `read_inputs(spec)`, if the caller validated it already.
+    Constructing it validates every input (`read_inputs`) and that the model fits the mesh;
+    `setup` then builds the corpus (training a tokenizer into the workdir if needed), the model,
+    the injector and the data iterator. The state is {"model": LmModel's state, "train_loss":
+    the mean next-token loss over the last `train` call (NaN at step 0)}.
     """
-    if inputs is None:
-        inputs = read_inputs(spec)
-    mesh = sharding.make_mesh(spec.mesh)
-    writer_process = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    # Every process has claimed (maybe cleared) the shared workdir before any writes into it.
-    sync_processes("rareret.lm: workdir claimed")
-    text = load_corpus(spec, workdir, inputs)
-    program = LmProgram(spec, text.vocab_size, mesh)
-    tasks = [inject.build_task(t, text.vocab_size, reserved=(text.eos_id,)) for t in spec.tasks]
-    injector = inject.Injector(tasks, spec.global_batch, spec.seq_len, text.eos_id,
-                               seed=spec.seed, process_index=jax.process_index(),
-                               process_count=jax.process_count())
-    dataset = data.make_dataset(text.tokens, spec.seq_len, spec.global_batch, spec.seed,
-                                jax.process_index(), jax.process_count())
-    iterator = data.make_iterator(dataset)
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
-    metrics_dir = os.path.join(workdir, "metrics")
-    task_names = [t.name for t in spec.tasks]
-    start, pending, losses = checkpoints.latest(), [], []
-    if start is None:
-        start, state = 0, program.init()
-        writer = (store.MetricWriter.create(metrics_dir, record_specs(len(tasks), task_names),
-                                            {}, overwrite=True) if writer_process else None)
-        if writer_process:
-            write_spec(workdir, spec)
-    else:
-        state, extra = checkpoints.restore(start, program.abstract_state(), iterator)
-        pending = extra["pending_losses"]
-        writer = store.MetricWriter.open(metrics_dir) if writer_process else None
-        if writer:  # Records past the checkpoint are rolled back and recomputed.
-            steps = store.open_metrics(metrics_dir).read("step")
-            writer.truncate(int(np.sum(steps <= start)))
-    evals = eval_sets(tasks, text.eos_id, spec.eval_instances)
-    progress = Progress(spec.num_steps) if show_progress and writer_process else None
-    tokens_per_step = spec.global_batch * spec.seq_len
 
-    def collect(done: int) -> None:
-        """Moves the step losses in flight to `pending`; stops on a non-finite one."""
-        pending.extend(float(x) for x in jax.device_get(losses))
-        losses.clear()
-        require(all(math.isfinite(x) for x in pending),
-                f"LM training diverged by step {done}: non-finite loss; the last good checkpoint "
-                f"is step {checkpoints.latest()}")
+    files = (DATA_DIR, TOKENIZER_FILE)
 
-    def record(step: int) -> None:
-        lm_loss = float(np.mean(pending)) if pending else float("nan")
-        row = {"step": np.int64(step), "lm_loss": np.float32(lm_loss),
-               **program.evaluate(state["params"], evals)}
-        if writer:
-            writer.append({name: np.asarray(value)[None] for name, value in row.items()})
-        pending.clear()
+    def __init__(self, spec: LmTrain):
+        self.lm_spec, self.checkpoint_every = spec, spec.checkpoint_every
+        self.inputs = read_inputs(spec)
+        self.mesh = sharding.make_mesh(spec.mesh)
+        expected_vocab = (self.inputs.tokenizer.get_vocab_size() if self.inputs.tokenizer
+                          else spec.vocab_size)
+        param_shardings(model_config(spec, expected_vocab), self.mesh)  # Fits the mesh?
 
-    if start == 0:
-        record(0)
-    started = time.perf_counter()
+    def spec(self) -> dict:
+        return spec_dict(self.lm_spec)
 
-    def save(done: int) -> None:
-        collect(done)
-        checkpoints.save(done, state, iterator, {"pending_losses": pending})
+    def record_steps(self) -> list[int]:
+        spec = self.lm_spec
+        return sorted({*range(0, spec.num_steps, spec.record_every), spec.num_steps})
 
-    with PreemptionGuard() as guard:
-        for step in range(start, spec.num_steps):
-            local, _ = injector.inject(next(iterator), step)
-            state, loss = program.step(state, local)
-            losses.append(loss)
-            done = step + 1
-            if done % spec.record_every == 0 or done == spec.num_steps:
-                collect(done)
-                record(done)
-            if done % spec.checkpoint_every == 0 or done == spec.num_steps:
-                save(done)
-            elif preempted(guard, done, spec.record_every):
-                save(done)
-                print(f"preempted: saved step {done}; re-run the same command to resume",
-                      file=sys.stderr)
-                checkpoints.close()
-                return False
-            if progress and (done % spec.record_every == 0 or done == spec.num_steps):
-                rate = (done - start) * tokens_per_step / (time.perf_counter() - started)
-                progress.update(done, f"{rate:,.0f} tokens/s")
-    checkpoints.close()
-    return True
+    def record_specs(self):
+        return record_specs(len(self.lm_spec.tasks), [t.name for t in self.lm_spec.tasks])
 
+    def setup(self, workdir: str) -> None:
+        spec = self.lm_spec
+        text = load_corpus(spec, workdir, self.inputs)
+        self.model = LmModel(spec, text.vocab_size, self.mesh)
+        tasks = [inject.build_task(t, text.vocab_size, reserved=(text.eos_id,))
+                 for t in spec.tasks]
+        self.injector = inject.Injector(tasks, spec.global_batch, spec.seq_len, text.eos_id,
+                                        seed=spec.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+        dataset = data.make_dataset(text.tokens, spec.seq_len, spec.global_batch, spec.seed,
+                                    jax.process_index(), jax.process_count())
+        self.iterator = data.make_iterator(dataset)
+        self.evals = eval_sets(tasks, text.eos_id, spec.eval_instances)
+        replicated = sharding.replicated(self.mesh)
+        self._loss_sharding = replicated
+        self._all_finite = jax.jit(
+            lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                            for x in jax.tree.leaves(tree)])),
+            out_shardings=replicated)
 
-def preempted(guard: PreemptionGuard, step: int, every: int) -> bool:
-    """Whether to stop now; processes agree (checked every `every` steps on multi-host runs)."""
-    if jax.process_count() == 1:
-        return guard.requested
-    if step % every:
-        return False
-    flags = multihost_utils.process_allgather(np.array(guard.requested))
-    return bool(np.any(flags))
+    def init(self) -> dict:
+        # Made by a jitted function: device_put would compare the NaN across processes.
+        nan = jax.jit(lambda: jnp.float32(jnp.nan), out_shardings=self._loss_sharding)()
+        return {"model": self.model.init(), "train_loss": nan}
+
+    def abstract_state(self) -> dict:
+        return {"model": self.model.abstract_state(),
+                "train_loss": jax.ShapeDtypeStruct((), jnp.float32,
+                                                   sharding=self._loss_sharding)}
+
+    def train(self, state: dict, start: int, stop: int) -> dict:
+        model_state, loss_sum = state["model"], 0.0
+        for step in range(start, stop):
+            local_bxL, _ = self.injector.inject(next(self.iterator), step)
+            model_state, loss = self.model.step(model_state, local_bxL)
+            loss_sum = loss_sum + loss
+        return {"model": model_state, "train_loss": loss_sum / (stop - start)}
+
+    def validate_state(self, state: dict) -> str | None:
+        if not bool(self._all_finite(state["train_loss"])):
+            return "LM training diverged: non-finite loss"
+        if not bool(self._all_finite(state["model"]["params"])):
+            return "LM training diverged: non-finite parameters"
+        return None
+
+    def record(self, state: dict, step: int) -> dict:
+        return {"step": np.int64(step), "lm_loss": state["train_loss"],
+                **self.model.evaluate(state["model"]["params"], self.evals)}
+
+    def summary(self, row) -> str:
+        loss = float(row["lm_loss"])
+        return f"lm loss {loss:.3f}" if np.isfinite(loss) else ""  # NaN: the step-0 record.

@@ -1,4 +1,4 @@
-"""The toy's optimiser (PAPER.md §1): AdamW with PyTorch defaults, an inverse-square-root
+"""The toy's optimiser (docs/method.md §2): AdamW with PyTorch defaults, an inverse-square-root
 schedule and global-norm clipping at 1.0, built per model so clipping never couples models."""
 
 from __future__ import annotations

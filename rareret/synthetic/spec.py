@@ -19,7 +19,8 @@ import numpy as np
 
 from rareret.errors import is_int, is_number, require, require_int_fields
 
-ENERGY_FRACTION = 0.9  # "number of directions holding 90% of the energy" (PAPER.md §1).
+ENERGY_FRACTION = 0.9  # "number of directions holding 90% of the energy" (docs/method.md §1.3).
+SPECTRUM_NORMS = ("first", "trace")  # TaskMixture.spectrum_norm: λ_{k,1} = 1 or Tr C_k = 1.
 
 
 def directions_for_energy(spectrum: np.ndarray, fraction: float = ENERGY_FRACTION) -> int:
@@ -63,7 +64,7 @@ def alpha_for_directions(n: int, task_dim: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class TaskMixture:
-    """Every knob of the synthetic task mixture (PAPER.md §1). Validated on construction.
+    """Every knob of the synthetic task mixture (docs/method.md §1.3). Validated on construction.
 
     Attributes:
       num_tasks: K.
@@ -74,6 +75,12 @@ class TaskMixture:
       alpha: within-task spectrum exponent, λ_{k,j} ∝ j^(−α); ignored with `complexity_range`.
       complexity_range: (lo, hi): choose α_k per task so the number of directions holding 90% of
         the energy runs linearly from lo (most frequent task) to hi (rarest task).
+      spectrum_norm: the scale of each task's spectrum. 'first' (default): λ_{k,1} = 1, so
+        λ_{k,j} = j^(−α_k) as the paper writes it; this reproduces the paper's δ_F threshold
+        (≈ 1e-2 at its configuration). 'trace': Tr C_k = Σ_j λ_{k,j} = 1 (6.4e-3 there).
+        Normalised losses ℓ_k/Tr C_k, alignments and, at one α for all tasks, the utility order
+        do not depend on it; δ_F, utilities and raw losses scale with it, and with per-task α_k
+        (`complexity_range`) so does the utility order across tasks.
     """
 
     num_tasks: int = 32
@@ -83,6 +90,7 @@ class TaskMixture:
     priors: Sequence[float] | None = None
     alpha: float = 2.0
     complexity_range: Sequence[int] | None = None
+    spectrum_norm: str = "first"
 
     def __post_init__(self):
         require_int_fields(self, 1, "num_tasks", "task_dim", "input_dim")
@@ -94,6 +102,9 @@ class TaskMixture:
             value = getattr(self, name)
             require(is_number(value) and math.isfinite(value) and value >= 0,
                     f"TaskMixture.{name}={value!r} must be a finite number ≥ 0")
+        require(isinstance(self.spectrum_norm, str) and self.spectrum_norm in SPECTRUM_NORMS,
+                f"TaskMixture.spectrum_norm={self.spectrum_norm!r} is not one of "
+                f"{list(SPECTRUM_NORMS)}")
         if self.priors is not None:
             p = self.priors
             require(isinstance(p, (list, tuple)) and all(is_number(v) for v in p),
@@ -130,8 +141,15 @@ class TaskMixture:
         return np.array([alpha_for_directions(int(n), self.task_dim) for n in counts])
 
     def spectra(self) -> np.ndarray:
-        """λ [K, T], each row sorted descending and summing to 1 (Tr C_k = 1)."""
-        return np.stack([power_spectrum(a, self.task_dim) for a in self.alphas()])
+        """λ [K, T], each row sorted descending; λ_{k,1} = 1 or Tr C_k = 1 (`spectrum_norm`)."""
+        spectra_KxT = np.stack([power_spectrum(a, self.task_dim) for a in self.alphas()])
+        if self.spectrum_norm == "first":
+            spectra_KxT = spectra_KxT / spectra_KxT[:, :1]
+        return spectra_KxT
+
+    def traces(self) -> np.ndarray:
+        """Tr C_k = Σ_j λ_{k,j} [K]: the mean predictor's loss, the unit of normalised losses."""
+        return self.spectra().sum(axis=1)
 
     def block(self, task: int) -> slice:
         """The input coordinates task `task` (0-based) reads."""
@@ -145,7 +163,7 @@ def rarest_task(priors_K: np.ndarray) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Injection:
-    """Matched-frequency injection of one rare task (PAPER.md §1, "retention").
+    """Matched-frequency injection of one rare task (docs/method.md §5).
 
     Time is cut into cycles of `gap` steps. The first gap − 1 steps of a cycle hold no rare
     example; its last step holds the cycle's m_c rare examples, with m_c chosen so that after c

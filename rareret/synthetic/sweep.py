@@ -1,29 +1,41 @@
-"""The one-jit trainer for the toy: every width × seed × learning rate (× injection gap).
+"""The synthetic experiment's program: every width × seed × learning rate (× injection gap) in
+one jitted program, run by `rareret.run.Run`.
 
-`Sweep` is the spec; `SweepProgram` holds the compiled pieces: a chunk of training steps of any
-length (one `fori_loop`, so irregular record schedules never recompile), exact population
-metrics, and per-task gradient interference. All models see the same inputs; an injection
-schedule with several gaps gives each gap its own stream of task ids over those inputs.
+`SweepProgram` holds the compiled pieces: a chunk of training steps of any length (one
+`fori_loop`, so irregular record schedules never recompile), exact population metrics, and
+per-task gradient interference. All models see the same inputs; an injection schedule with
+several gaps gives each gap its own stream of task ids over those inputs. The specs are in
+`rareret.synthetic.spec`, the arrays it records in `rareret.synthetic.records`.
 
-Shapes: B batch, D input dim, K tasks, T task dim, M models, S streams, C models per group.
+Shapes (docs/method.md "Shape letters"): B batch, D input dim, K tasks, T task dim, M models,
+G width groups, C models (copies) per group, S streams, Y injection cycles.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rareret import interference
-from rareret.synthetic import model, optim, tasks, theory
+from rareret.blas_threads import single_threaded_blas
+from rareret.run import Program
+from rareret.synthetic import model, optim, records, tasks, theory
 from rareret.synthetic.spec import Injection, Sweep, TaskMixture, rarest_task
 
-class SweepProgram:
-    """The compiled pieces of a sweep: init, a chunk of training steps, metrics, interference."""
+class SweepProgram(Program):
+    """The compiled pieces of a sweep: init, a chunk of training steps, metrics, interference.
+
+    The state is {"params", "opt_state", "diverged" [M], "train_loss" [M]}: `train_loss` is the
+    mean batch loss of each model over the last `train` call (NaN at step 0).
+    """
 
     def __init__(self, mixture: TaskMixture, sweep: Sweep,
                  injection: Injection | None = None):
@@ -37,7 +49,7 @@ class SweepProgram:
             num_tasks=mixture.num_tasks, task_dim=mixture.task_dim, input_dim=mixture.input_dim,
             streams=len(gaps))
         grid = list(itertools.product(gaps, sweep.widths, sweep.seeds, sweep.learning_rates))
-        self.coords = {"gap": np.array([g[0] for g in grid], np.int64),
+        self.model_coords = {"gap": np.array([g[0] for g in grid], np.int64),
                        "width": np.array([g[1] for g in grid], np.int64),
                        "seed": np.array([g[2] for g in grid], np.int64),
                        "learning_rate": np.array([g[3] for g in grid], np.float32)}
@@ -48,40 +60,83 @@ class SweepProgram:
         self.maps_KxTxD = model.task_maps(self.sqrt_spectra_KxT, mixture.input_dim)
         trace_K = mixture.spectra().sum(axis=1)
         self.frequent_weights_K = jnp.asarray(priors_K * trace_K * self.frequent_K, jnp.float32)
-        self.learning_rate_M = jnp.asarray(self.coords["learning_rate"])
+        self.learning_rate_M = jnp.asarray(self.model_coords["learning_rate"])
         self._streams = self._stream_tables(gaps)
-        self.train_chunk = jax.jit(self._train_chunk, donate_argnums=0)
-        self.evaluate = jax.jit(self._evaluate)
-        self.interference = jax.jit(self._interference)
+        self.checkpoint_every = sweep.checkpoint_every
+        # One copy of the sweep per process (on its first device), so that every process of a
+        # multi-process run holds the same global state and writes its part of a checkpoint.
+        self.replicated = NamedSharding(
+            Mesh(np.array([jax.local_devices(process_index=p)[0]
+                           for p in range(jax.process_count())]), ("process",)),
+            PartitionSpec())
+        self.train_chunk = jax.jit(self._train_chunk, donate_argnums=0,
+                                   out_shardings=self.replicated)
+        self.evaluate = jax.jit(self._evaluate, out_shardings=self.replicated)
+        self.interference = jax.jit(self._interference, out_shardings=self.replicated)
 
     def _stream_tables(self, gaps):
         """Per stream: task priors, gap and injection counts per cycle (host-computed, exact)."""
         priors_K = self.mixture.prior_array()
         if not self.injection:
             return {"priors_SxK": jnp.asarray(priors_K[None], jnp.float32),
-                    "gap_S": jnp.ones(1, jnp.int32), "counts_SxC": jnp.zeros((1, 1), jnp.int32)}
+                    "gap_S": jnp.ones(1, jnp.int32), "counts_SxY": jnp.zeros((1, 1), jnp.int32)}
         others_K = priors_K.copy()
         others_K[self.rare_task] = 0.0
         rate = self.injection.resolved_rate(self.mixture)
         cycles = max(self.sweep.num_steps // min(gaps), 1)
-        counts = np.zeros((len(gaps), cycles), np.int32)
+        counts_SxY = np.zeros((len(gaps), cycles), np.int32)
         for s, gap in enumerate(gaps):
             n = self.sweep.num_steps // gap
-            counts[s, :n] = self.injection.counts(gap, self.sweep.batch_size, rate, n)
+            counts_SxY[s, :n] = self.injection.counts(gap, self.sweep.batch_size, rate, n)
         return {"priors_SxK": jnp.asarray(np.repeat(others_K[None], len(gaps), 0), jnp.float32),
-                "gap_S": jnp.asarray(gaps, jnp.int32), "counts_SxC": jnp.asarray(counts)}
+                "gap_S": jnp.asarray(gaps, jnp.int32), "counts_SxY": jnp.asarray(counts_SxY)}
+
+    # ------------------------------------------------------------------ the Program protocol
+
+    def spec(self) -> dict:
+        return spec_dict(self.mixture, self.sweep, self.injection)
+
+    def record_steps(self) -> list[int]:
+        return self.sweep.record_steps(self.injection)
+
+    def record_specs(self):
+        return records.record_specs(self)
+
+    def coords(self):
+        return records.coordinate_arrays(self)
+
+    def running(self):
+        return single_threaded_blas()
+
+    def summary(self, row) -> str:
+        return f"mean task loss {np.mean(row['task_loss']):.3f}"
+
+    def finish(self, writer) -> None:
+        if self.injection:
+            records.write_retention(writer, self)
 
     def init(self) -> dict:
-        """The state of every model: params, optimiser state (each from key (seed, width)) and
-        the `diverged` flags [M]."""
+        """The state of every model: params, optimiser state (each from key (seed, width)),
+        the `diverged` flags [M] and `train_loss` [M] (NaN)."""
+        return jax.jit(self._init_state, out_shardings=self.replicated)()
+
+    def _init_state(self) -> dict:
         keys_M = jnp.stack([jax.random.fold_in(jax.random.key(int(s)), int(w))
-                            for w, s in zip(self.coords["width"], self.coords["seed"])])
-        params = jax.jit(functools.partial(model.init_params, self.layout))(keys_M)
-        return {"params": params, "opt_state": jax.jit(self._init_opt)(params),
-                "diverged": jnp.zeros(self.layout.num_models, bool)}
+                            for w, s in zip(self.model_coords["width"],
+                                            self.model_coords["seed"])])
+        params = model.init_params(self.layout, keys_M)
+        return {"params": params, "opt_state": self._init_opt(params),
+                "diverged": jnp.zeros(self.layout.num_models, bool),
+                "train_loss": jnp.full(self.layout.num_models, jnp.nan, jnp.float32)}
 
     def abstract_state(self) -> dict:
-        return jax.eval_shape(self.init)
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
+            jax.eval_shape(self._init_state))
+
+    def train(self, state: dict, start: int, stop: int) -> dict:
+        """The state after steps start … stop − 1 (`train_loss`: their mean loss per model)."""
+        return self.train_chunk(state, stop - start, start)
 
     def _optimizer(self, learning_rate):
         return optim.paper_adamw(learning_rate, self.sweep.warmup_steps, self.sweep.weight_decay)
@@ -105,8 +160,8 @@ class SweepProgram:
             return jnp.zeros(1, jnp.int32)
         cycle = step // t["gap_S"]
         injecting = (step % t["gap_S"]) == t["gap_S"] - 1
-        count = t["counts_SxC"][jnp.arange(t["gap_S"].shape[0]),
-                                jnp.minimum(cycle, t["counts_SxC"].shape[1] - 1)]
+        count = t["counts_SxY"][jnp.arange(t["gap_S"].shape[0]),
+                                jnp.minimum(cycle, t["counts_SxY"].shape[1] - 1)]
         return jnp.where(injecting, count, 0)
 
     def batch(self, step):
@@ -170,10 +225,11 @@ class SweepProgram:
         new_params, new_opt_state = jax.lax.cond(
             jnp.any(diverged_M), frozen_kept,
             lambda: (tuple(u[0] for u in updated), tuple(u[1] for u in updated)))
-        return {"params": new_params, "opt_state": new_opt_state, "diverged": diverged_M}
+        return {**state, "params": new_params, "opt_state": new_opt_state,
+                "diverged": diverged_M}
 
     def _train_chunk(self, state, num_steps, first_step):
-        """`num_steps` steps from `first_step`; returns the new state and the mean loss [M].
+        """`num_steps` steps from `first_step`; `train_loss` becomes their mean loss [M].
 
         A model whose loss or parameters become non-finite is frozen at its last finite state
         and flagged in `state["diverged"]`; the others are unaffected.
@@ -182,11 +238,11 @@ class SweepProgram:
         state, loss_sum_M, _ = jax.lax.fori_loop(
             first_step, first_step + num_steps, self._train_step,
             (state, zero_M, self._tiled_batch(first_step)))
-        return state, loss_sum_M / num_steps
+        return {**state, "train_loss": loss_sum_M / num_steps}
 
-    def record(self, state: dict, step: int, train_loss_M) -> dict:
+    def record(self, state: dict, step: int) -> dict:
         """One metric record of `state` (device arrays; nothing aliases the donated state)."""
-        row = {"step": np.int64(step), "train_loss": train_loss_M,
+        row = {"step": np.int64(step), "train_loss": jnp.copy(state["train_loss"]),
                "diverged": jnp.copy(state["diverged"]), **self.evaluate(state["params"])}
         if self.sweep.interference_every:
             row.update(self.interference(state["params"], step)
@@ -204,8 +260,8 @@ class SweepProgram:
 
     def _evaluate(self, params):
         task_loss_MxK = model.population_task_loss(params, self.sqrt_spectra_KxT)
-        alignment_MxK = model.alignment(params, self.sqrt_spectra_KxT)
-        delta_f_M = jnp.sum(self.frequent_weights_K * (1 - alignment_MxK), axis=1)
+        alignment_MxK, misaligned_MxK = model.subspace_alignment(params, self.sqrt_spectra_KxT)
+        delta_f_M = jnp.sum(self.frequent_weights_K * misaligned_MxK, axis=1)
         return {"task_loss": task_loss_MxK, "alignment": alignment_MxK, "delta_f": delta_f_M}
 
     def _interference(self, params, step):
@@ -243,3 +299,11 @@ def all_finite_per_copy(group: dict) -> jax.Array:
     """[C]: whether every parameter of each model in a group is finite."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
                               for leaf in jax.tree.leaves(group)]), axis=0)
+
+
+def spec_dict(mixture: TaskMixture, sweep: Sweep, injection: Injection | None) -> dict:
+    """The run's specs as plain JSON values (what `spec.json` holds)."""
+    spec = {"experiment": "synthetic", "mixture": dataclasses.asdict(mixture),
+            "sweep": dataclasses.asdict(sweep),
+            "injection": dataclasses.asdict(injection) if injection else None}
+    return json.loads(json.dumps(spec, default=list))

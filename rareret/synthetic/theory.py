@@ -1,18 +1,22 @@
-"""Closed-form predictions for the linear-bottleneck toy (PAPER.md §1, "Theory").
+"""Closed-form predictions for the linear-bottleneck toy (docs/method.md §4).
 
 M = Σ_k π_k C_k has eigenvalues u_{k,j} = π_k λ_{k,j}, the feature utilities. A width-N minimiser
 spans the top-N eigenspace of M (Theorem 3), so features are learned in descending utility order.
 
 Conventions:
   - Tasks and features are 0-based here (the paper's task k is index k−1); widths N are counts.
-  - Utility ties are broken by task index ascending, then feature index ascending (a stable sort
-    of the row-major utility table), so ranks are deterministic.
+  - Utility ties are broken by task index ascending, then feature index ascending, so ranks are
+    deterministic. Utilities within a relative `TIE` of each other count as tied: with β = α they
+    tie exactly in the reals ((k j)^(−β) up to scale), and round-off must not pick the order.
+  - Utilities and δ_F carry the spectrum's scale (`TaskMixture.spectrum_norm`); normalised losses
+    ℓ_k/Tr C_k, alignments and (at one α for all tasks) the utility order do not.
   - The frequent set F is the smallest set of top-prior tasks whose cumulative prior mass is
     ≥ `mass` (0.8 by default; prior ties go to the lower task index). The paper's own |F| values
-    are inconsistent with any single rule, so this is rareret's documented choice.
+    are inconsistent with any single rule, so this is rareret's documented choice
+    (docs/method.md §3.3).
 
-Numpy only (no jax), so the theory can be evaluated anywhere. Shapes: K tasks, T task dim,
-W widths.
+Numpy only (no jax), so the theory can be evaluated anywhere. Shapes: see docs/method.md "Shape
+letters": K tasks, T task dimension, W grid widths.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import numpy as np
 from rareret.errors import require
 from rareret.synthetic.spec import TaskMixture
 
-FREQUENT_MASS = 0.8  # Cumulative prior mass defining the frequent set F (PAPER.md §1).
+FREQUENT_MASS = 0.8  # Cumulative prior mass defining the frequent set F (docs/method.md §3.3).
 MASS_TOLERANCE = 1e-12  # Round-off allowed when comparing cumulative priors with `mass`.
 ROUNDOFF = 1e-6  # Negative δ_F down to −ROUNDOFF (alignments a hair above 1) counts as 0.
+TIE = 1e-9  # Utilities within this relative distance are equal (exact ties, up to round-off).
 
 
 def utilities(mixture: TaskMixture) -> np.ndarray:
@@ -35,10 +40,17 @@ def utilities(mixture: TaskMixture) -> np.ndarray:
 def feature_ranks(mixture: TaskMixture) -> np.ndarray:
     """rank_KxT: 1-based position of feature (k, j) in the global descending utility order.
 
-    Ties: utility descending, then task index ascending, then j ascending.
+    Ties (utilities within a relative `TIE`): utility descending, then task index ascending,
+    then j ascending.
     """
     utilities_KxT = utilities(mixture)
-    order = np.argsort(-utilities_KxT.ravel(), kind="stable")
+    flat = utilities_KxT.ravel()
+    by_value = np.argsort(-flat, kind="stable")
+    # A new tie group starts wherever the next utility is more than TIE below the previous one.
+    starts = np.concatenate([[0], flat[by_value][1:] < flat[by_value][:-1] * (1 - TIE)])
+    group = np.empty(flat.size, dtype=np.int64)
+    group[by_value] = np.cumsum(starts)
+    order = np.lexsort((np.arange(flat.size), group))  # Within a group: row-major (task, j).
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(1, order.size + 1)
     return rank.reshape(utilities_KxT.shape)
@@ -96,7 +108,7 @@ def delta_f(mixture: TaskMixture, alignment, *, mass: float = FREQUENT_MASS) -> 
             f"delta_f.alignment has shape {alignment_xK.shape}; the last axis must be "
             f"TaskMixture.num_tasks={mixture.num_tasks}")
     frequent = frequent_tasks(mixture.prior_array(), mass)
-    weights_K = mixture.prior_array() * mixture.spectra().sum(axis=1)
+    weights_K = mixture.prior_array() * mixture.traces()
     return np.sum(weights_K[frequent] * (1 - alignment_xK[..., frequent]), axis=-1)
 
 
@@ -115,12 +127,13 @@ def critical_width(mixture: TaskMixture, rare_task: int, feature: int = 0, *,
     """Proposition 6: N_r^crit = min{N ≥ 1 : μ_N^F ≤ π_r λ_{r,feature}}.
 
     μ^F are the eigenvalues of M_F = Σ_{k∈F} π_k C_k in descending order (μ_N = 0 past the
-    nonzero ones). `rare_task` and `feature` are 0-based; `rare_task` must not be in F.
+    nonzero ones); an eigenvalue tied with the rare utility (within `TIE`) counts as ≤ it.
+    `rare_task` and `feature` are 0-based; `rare_task` must not be in F.
     """
     _check_rare_task(mixture, rare_task, mass)
     _check_int("critical_width.feature", feature, 0, mixture.task_dim - 1)
     threshold = utilities(mixture)[rare_task, feature]
-    return 1 + int(np.sum(_frequent_spectrum(mixture, mass) > threshold))
+    return 1 + int(np.sum(_frequent_spectrum(mixture, mass) > threshold * (1 + TIE)))
 
 
 def delta_f_threshold(mixture: TaskMixture, rare_task: int, *,
@@ -130,13 +143,15 @@ def delta_f_threshold(mixture: TaskMixture, rare_task: int, *,
     A model that has captured every eigen-direction of M_F with eigenvalue above the rare top
     utility π_r λ_{r,1} (what Proposition 6 asks of width N_r^crit) leaves
     δ_F = Σ {μ ∈ eig(M_F) : μ ≤ π_r λ_{r,1}}. Below it the rare feature out-competes what remains
-    of the frequent tasks (PAPER.md: the rare signal jumps once δ_F drops below ≈ 1e-2).
-    `rare_task` is 0-based and must not be in F.
+    of the frequent tasks (the paper: the rare signal jumps once δ_F drops below ≈ 1e-2; 1.03e-2
+    here at the paper's configuration with spectrum_norm='first', 6.4e-3 with 'trace': δ_F
+    scales with the spectrum). Eigenvalues tied with π_r λ_{r,1} (within `TIE`) count as ≤ it,
+    as in `critical_width`. `rare_task` is 0-based and must not be in F.
     """
     _check_rare_task(mixture, rare_task, mass)
     rare_top = utilities(mixture)[rare_task, 0]
     mu = _frequent_spectrum(mixture, mass)
-    return float(mu[mu <= rare_top].sum())
+    return float(mu[mu <= rare_top * (1 + TIE)].sum())
 
 
 def alignment_random_level(width, input_dim: int) -> np.ndarray:
