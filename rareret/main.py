@@ -72,7 +72,7 @@ def run(workdir: str, experiment: str = "synthetic",
     for job in runs:
         if not job.execute():
             sys.exit(0)  # Preempted: a re-run resumes.
-        if FLAGS.report and experiment == "synthetic" and processes.is_writer():
+        if FLAGS.report and processes.is_writer():
             from rareret.analysis import report  # matplotlib loads only when a report is wanted.
             print(f"report: {report.write_report(job.workdir)}")
 

@@ -257,3 +257,14 @@ def test_default_corpus_is_offline_deterministic_and_nontrivial(default_corpus, 
     assert sum(len(d.text.encode()) for d in docs) > 100_000
     assert {d.source for d in docs} == {SOURCE}
     assert len({d.id for d in docs}) == len(docs) and "json" in {d.id for d in docs}
+
+
+def test_held_out_sequences_never_train():
+    stream = _stream(40, tail=2)
+    ds = make_dataset(stream, L, 4, seed=1, held_out=6)
+    trained = {i for t in range(200) for i in _row_ids(ds[t])}
+    held = data.held_out_sequences(stream, L, 6)
+    assert trained == set(range(34)) and _row_ids(held) == list(range(34, 40))
+    assert data.held_out_sequences(stream, L, 0).shape == (0, L)
+    _config_error(lambda: make_dataset(_stream(10), L, 8, seed=0, held_out=4),
+                  "packs into 10 sequences", "global_batch=8 + 4 held out")

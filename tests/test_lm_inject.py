@@ -7,7 +7,7 @@ import pytest
 
 from rareret.errors import ConfigError
 from rareret.lm.inject import (
-    Injector, TaskSpec, build_task, eval_batch, label_candidates)
+    Injector, TaskSpec, build_task, eval_batch, injection_order, label_candidates)
 
 VOCAB, EOS = 50304, 50279
 RESERVED = (0, 1, EOS)
@@ -197,3 +197,22 @@ def test_process_slices_match_single_process():
             local_out, local_mask = local.inject(batch[rows], step)
             np.testing.assert_array_equal(local_out, out[rows])
             np.testing.assert_array_equal(local_mask, mask[rows])
+
+
+def test_distinct_injected_are_the_first_of_the_injection_order():
+    """What `distinct_injected` / `injection_order` say was injected (the instances task_loss
+    is measured on) is exactly the set of instances `inject` wrote, step after step, including
+    past the first epoch; and `row_tasks` names the task of every written row."""
+    tasks = [task("cmp", 1, frequency_per_token=0.01), task("add", 2, every_n=3)]
+    injector = Injector(tasks, global_batch=16, seq_len=8, eos_id=EOS, seed=4)
+    written = [set() for _ in tasks]
+    for step in range(60):
+        out, mask = injector.inject(random_batch(16, 8, step), step)
+        rows = injector.row_tasks(step)
+        assert np.array_equal(rows >= 0, mask.any(axis=1))
+        for row in np.flatnonzero(rows >= 0):
+            written[rows[row]].add(tuple(out[row, :3].tolist()))
+        for k, (t, count) in enumerate(zip(tasks, injector.distinct_injected(step + 1))):
+            first = {tuple(r) for r in t.train[injection_order(t)[:count]].tolist()}
+            assert first == written[k], (step, t.spec.name)
+    assert injector.distinct_injected(60) == [len(written[0]), len(written[1])] == [76, 60]

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from rareret.errors import ConfigError  # noqa: E402
 from rareret.lm import hf_interop, model  # noqa: E402
-from rareret.lm.train import next_token_loss  # noqa: E402
+from rareret.lm.model import next_token_loss  # noqa: E402
 
 VARIANTS = ("olmo", "olmo2")
 VOCAB = 128

@@ -39,7 +39,7 @@ from rareret import sharding, store
 from rareret.checkpoint import Checkpoints
 from rareret.errors import ConfigError
 from lm_corpus import golden_documents
-from rareret.lm import data, inject, train
+from rareret.lm import data, inject, measurements, train
 from rareret.lm.spec import LmTrain
 from rareret.mesh_spec import MeshSpec
 from rareret.run import Run
@@ -49,7 +49,7 @@ TINY_GIN = REPO / "gin_configs" / "lm" / "tiny.gin"
 TOKENIZER = pathlib.Path(__file__).resolve().parent / "data" / "lm_tokenizer.json"
 TASKS = (inject.TaskSpec(kind="cmp", name="cmp", frequency_per_token=2e-3, seed=1),
          inject.TaskSpec(kind="add", name="add", every_n=2, seed=2))
-RECORD_ARRAYS = ("step", "lm_loss", "task_loss", "task_accuracy")
+RECORD_ARRAYS = ("step", "lm_loss", "val_loss", "task_loss", "task_accuracy")
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     return data.write_shard(tmp_path_factory.mktemp("corpus") / "golden.jsonl.gz",
@@ -304,7 +304,6 @@ def sharded_table() -> dict:
     rng = np.random.default_rng(0)
     batches = [injector.inject(rng.integers(1, SHARDED_VOCAB, (8, 32), dtype=np.int32), t)[0]
                for t in range(3)]
-    evals = train.eval_sets(tasks, eos, spec.eval_instances)
     rows, reference = {}, None
     for name, sizes in MESHES.items():
         started = time.perf_counter()
@@ -326,7 +325,10 @@ def sharded_table() -> dict:
         for batch in batches:
             state, loss = program.step(state, batch)
             losses.append(float(loss))
-        metrics = program.evaluate(state["params"], evals)
+        measure = measurements.LmMeasurements(spec, program.config, mesh, tasks, eos,
+                                              batches[0])
+        metrics = jax.device_get(program.traced(
+            measure.behaviour, state["params"], [5000] * len(tasks)))
         params = jax.tree.map(np.asarray, state["params"])
         reference = params if reference is None else reference
         rows[name] = {
@@ -480,7 +482,10 @@ def test_cli_run_writes_spec_metrics_checkpoints(cli_run, shard):
     metrics = read_metrics(cli_run)
     assert metrics["step"].tolist() == [0, 3, 6, 9, 12]
     assert np.isnan(metrics["lm_loss"][0]) and np.all(np.isfinite(metrics["lm_loss"][1:]))
-    assert metrics["task_loss"].shape == (5, 2) and np.all(np.isfinite(metrics["task_loss"]))
+    assert metrics["task_loss"].shape == (5, 2)
+    # Nothing is injected before step 0; by the end both tasks have been.
+    assert np.all(np.isnan(metrics["task_loss"][0])) and np.all(np.isfinite(metrics["task_loss"][-1]))
+    assert np.all(np.isfinite(metrics["val_loss"]))
     assert metrics["task_accuracy"].shape == (5, 2)
     assert checkpoint_steps(cli_run) == [9, 12]
 
@@ -505,15 +510,6 @@ def test_cli_resumes_a_run_that_crashed_before_its_last_checkpoint(cli_run, shar
     assert read_metrics(workdir)["step"].tolist() == [0, 3, 6, 9, 12]  # Not duplicated.
     assert_bit_identical(read_metrics(workdir), read_metrics(cli_run), "metrics after resume")
     assert checkpoint_steps(workdir) == [9, 12]
-
-
-def test_report_of_an_lm_run_is_one_line_error(cli_run):
-    proc = subprocess.run([sys.executable, "-m", "rareret.analysis.report", str(cli_run)],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        f"rareret-report: error: {cli_run} holds a run of experiment 'lm'; this reads synthetic "
-        f"runs only"]
 
 
 def test_cli_refuses_a_different_config_and_touches_nothing(cli_run, shard, tmp_path):

@@ -214,7 +214,8 @@ def test_report_reads_a_run_that_is_still_writing(tmp_path):
 
 LM_BINDINGS = ["LmTrain.seq_len = 32", "LmTrain.global_batch = 8", "LmTrain.num_steps = 48",
                "LmTrain.record_every = 4", "LmTrain.checkpoint_every = 8",
-               "LmTrain.eval_instances = 64"]
+               "LmTrain.eval_instances = 64", "LmTrain.probe_every = 12",
+               "LmTrain.interference_every = 16"]
 LM_GIN = pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / "lm" / "tiny.gin"
 
 
@@ -225,8 +226,33 @@ def lm_command(workdir, *extra):
 
 def lm_arrays(workdir) -> dict:
     metrics = store.open_metrics(os.path.join(workdir, "metrics"))
-    return {name: metrics.read(name) for name in ("step", "lm_loss", "task_loss",
-                                                  "task_accuracy")}
+    return {name: metrics.read(name) for name in metrics.names()}
+
+
+def check_lm_evidence(workdir, arrays) -> None:
+    """The LM evidence arrays land with their documented axes, measured exactly at their
+    steps (tiny.gin: task 0 is T_CMP, task 1 T_ADD; probes every 12, interference every 16)."""
+    metrics = store.open_metrics(os.path.join(workdir, "metrics"))
+    axes = {"probe_r2": ("record", "task", "layer"), "fourier_modes": ("record", "task", "layer"),
+            "fourier_power": ("record", "task", "layer", "frequency"),
+            "mlp_ablation": ("record", "task", "block"), "grad_cosine": ("record", "task", "part"),
+            "interference": ("record", "task_i", "task_j"), "val_loss": ("record",)}
+    for name, names in axes.items():
+        assert metrics.axes(name) == names, name
+    steps = arrays["step"]
+    probed, interfered = steps % 12 == 0, steps % 16 == 0
+    assert np.all(np.isfinite(arrays["val_loss"]))
+    assert np.all(np.isfinite(arrays["probe_r2"][probed, 0])) and np.all(
+        np.isnan(arrays["probe_r2"][probed, 1]))
+    assert np.all(np.isfinite(arrays["fourier_modes"][probed, 1]))
+    assert np.all(np.isnan(arrays["probe_r2"][~probed])) and np.all(
+        np.isnan(arrays["mlp_ablation"][~probed]))
+    # The ablation needs injected instances: from the first probe after step 0 on.
+    assert np.all(np.isfinite(arrays["mlp_ablation"][probed & (steps > 0)]))
+    assert np.all(np.isfinite(arrays["interference"][interfered]))
+    assert np.all(np.isnan(arrays["interference"][~interfered]))
+    cosines = arrays["grad_cosine"][interfered][:, :, 0]  # cos(g, g_r): any batch.
+    assert np.all(np.abs(cosines) <= 1)
 
 
 def test_lm_kill9_at_three_points_resumes_bit_identically(tmp_path):
@@ -234,6 +260,7 @@ def test_lm_kill9_at_three_points_resumes_bit_identically(tmp_path):
     proc = subprocess.run(lm_command(reference), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     expected = lm_arrays(reference)
+    check_lm_evidence(reference, expected)
     workdir = tmp_path / "run"
     for records in (3, 6, 10):  # Between checkpoints and right after them.
         proc = subprocess.Popen(lm_command(workdir), stdout=subprocess.DEVNULL,

@@ -1,7 +1,9 @@
-"""`rareret-report WORKDIR`: plots and a markdown summary of a synthetic run.
+"""`rareret-report WORKDIR`: plots and a markdown summary of a run.
 
-Writes WORKDIR/report/{phase_diagram.png, curves.png, report.md}. Reads only committed records,
-so it can run while the sweep is still writing.
+Dispatches on spec.json's "experiment": a synthetic sweep gets WORKDIR/report/{phase_diagram.png,
+curves.png, report.md} (this module), a language-model run the report of
+`rareret.analysis.lm_report`. Reads only committed records, so it can run while the run is still
+writing.
 
 Shapes: see docs/method.md "Shape letters": R records, M models, K tasks, W grid widths.
 """
@@ -18,8 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 
-from rareret.analysis import mechanism, phase  # noqa: E402
-from rareret.errors import ConfigError, require  # noqa: E402
+from rareret.analysis import lm_report, mechanism, phase  # noqa: E402
+from rareret.errors import ConfigError, one_line, require  # noqa: E402
 
 
 def plot_phase_diagram(comparisons: dict[float, phase.PhaseComparison], path: str) -> None:
@@ -140,8 +142,23 @@ def markdown(run: phase.SyntheticRun, comparisons: dict[float, phase.PhaseCompar
     return "\n".join(lines)
 
 
+REPORTS = ("synthetic", "lm")  # The experiments this command reports on.
+
+
 def write_report(workdir: str) -> str:
-    """Writes the report files and returns the path of report.md."""
+    """Writes the report files of the run in `workdir` (any experiment in `REPORTS`) and returns
+    the path of report.md; ConfigError if `workdir` holds no run, or one of another experiment."""
+    spec = phase.read_spec(workdir)
+    experiment = spec.get("experiment")
+    require(experiment in REPORTS, f"{workdir} holds a run of experiment {experiment!r}; "
+                                   f"rareret-report knows {list(REPORTS)}")
+    if experiment == "lm":
+        return lm_report.write_report(workdir, spec)
+    return write_synthetic_report(workdir)
+
+
+def write_synthetic_report(workdir: str) -> str:
+    """Writes a synthetic run's report files and returns the path of report.md."""
     run = phase.SyntheticRun.load(workdir)
     require(run.metrics.committed_records > 0, f"{workdir}: the run has no committed records yet")
     out = os.path.join(workdir, "report")
@@ -163,7 +180,7 @@ def main(argv: list[str]) -> None:
     try:
         print(write_report(argv[1]))
     except ConfigError as e:
-        print(f"rareret-report: error: {e}", file=sys.stderr)
+        print(f"rareret-report: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

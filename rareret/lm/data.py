@@ -290,10 +290,12 @@ def _grain_seed(seed: int) -> int:
 
 
 def make_dataset(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int, global_batch: int,
-                 seed: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                 seed: int, process_index: int = 0, process_count: int = 1,
+                 held_out: int = 0) -> grain.MapDataset:
     """Element t = this process's batch of step t, int32 [global_batch / process_count, seq_len].
 
-    `tokens`: a 1-D token stream or a sequence of them (e.g. `TokenCorpus.tokens`).
+    `tokens`: a 1-D token stream or a sequence of them (e.g. `TokenCorpus.tokens`). The last
+    `held_out` packed sequences never enter training (`held_out_sequences` returns them).
     """
     for name, value, low in (("seq_len", seq_len, 1), ("global_batch", global_batch, 1),
                              ("seed", seed, 0)):
@@ -301,13 +303,23 @@ def make_dataset(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int, global
                 f"make_dataset: {name}={value!r} must be an integer >= {low}")
     require_process_slice("make_dataset", global_batch, process_index, process_count)
     sequences = _Sequences(tokens, seq_len)
-    require(len(sequences) >= global_batch,
+    require(len(sequences) >= global_batch + held_out,
             f"make_dataset: the corpus packs into {len(sequences)} sequences of {seq_len} tokens, "
-            f"fewer than global_batch={global_batch}")
+            f"fewer than global_batch={global_batch} + {held_out} held out")
     local = global_batch // process_count
-    order = grain.MapDataset.range(len(sequences)).shuffle(seed=_grain_seed(seed)).repeat()
+    order = grain.MapDataset.range(len(sequences) - held_out).shuffle(
+        seed=_grain_seed(seed)).repeat()
     batches = order.batch(global_batch, drop_remainder=True)
     return batches.map(_LocalBatch(sequences, process_index * local, (process_index + 1) * local))
+
+
+def held_out_sequences(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int,
+                       count: int) -> np.ndarray:
+    """The last `count` packed sequences, int32 [count, seq_len]: the held-out text."""
+    sequences = _Sequences(tokens, seq_len)
+    if count == 0:
+        return np.zeros((0, seq_len), np.int32)
+    return sequences.rows(np.arange(len(sequences) - count, len(sequences), dtype=np.int64))
 
 
 def make_iterator(dataset: grain.MapDataset, prefetch: int = 2) -> grain.DatasetIterator:

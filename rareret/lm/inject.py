@@ -175,6 +175,17 @@ def _rate(spec: TaskSpec, tokens_per_batch: int) -> Fraction:
     return Fraction(repr(float(spec.frequency_per_token))) * tokens_per_batch
 
 
+def _epoch_order(task: Task, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` injects the task's train instances (indices)."""
+    return np.random.default_rng(_seed_words(task.spec, _ORDER, epoch)).permutation(
+        len(task.train))
+
+
+def injection_order(task: Task) -> np.ndarray:
+    """Indices of the task's train instances in the order they are first injected."""
+    return _epoch_order(task, 0)
+
+
 def _stream(task: Task, start: int, count: int) -> np.ndarray:
     """The task's injected instances number start..start+count−1, as rows [count, 3]."""
     n = len(task.train)
@@ -182,7 +193,7 @@ def _stream(task: Task, start: int, count: int) -> np.ndarray:
     epochs = positions // n
     out = np.empty((count, 3), task.train.dtype)
     for epoch in np.unique(epochs):
-        order = np.random.default_rng(_seed_words(task.spec, _ORDER, int(epoch))).permutation(n)
+        order = _epoch_order(task, int(epoch))
         here = epochs == epoch
         out[here] = task.train[order[positions[here] % n]]
     return out
@@ -255,6 +266,24 @@ class Injector:
         mask_bxL = np.zeros(expected, dtype=bool)
         mask_bxL[rows, :INSTANCE_LEN] = True
         return out_bxL, mask_bxL
+
+    def row_tasks(self, step: int) -> np.ndarray:
+        """[b] int32: the index (in `tasks`) of the task whose instance `inject` writes into each
+        of this process's rows at `step`, −1 for rows left as text."""
+        placed_rows, _ = self._placements(step)
+        counts = self.counts(step)
+        task_of_placed = np.repeat(np.arange(len(self.tasks)),
+                                   [counts[t.spec.name] for t in self.tasks])
+        out = np.full(self.local_batch, -1, np.int32)
+        local = (placed_rows >= self.first_row) & (placed_rows < self.first_row + self.local_batch)
+        out[placed_rows[local] - self.first_row] = task_of_placed[local]
+        return out
+
+    def distinct_injected(self, step: int) -> list[int]:
+        """Per task, how many distinct train instances steps 0 … step − 1 injected: the first
+        that many of `injection_order`."""
+        return [min(_injected_before(t.spec, step, self.tokens_per_batch), len(t.train))
+                for t in self.tasks]
 
     def _placements(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(global rows [count], instances [count, 3]) placed at `step`, tasks in order."""

@@ -48,6 +48,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from rareret.errors import require
 from rareret.lm.config import DTYPE_NAMES, OlmoConfig
@@ -271,6 +272,13 @@ def apply_with_hidden(config: OlmoConfig, params: dict,
     """Logits [B, L, V] float32 and the residual stream: n_layers + 1 arrays [B, L, D]."""
     _check_tokens(config, tokens_BxL)
     return Decoder(config).apply({"params": params}, tokens_BxL)
+
+
+def next_token_loss(config: OlmoConfig, params: dict, tokens_BxL: jax.Array) -> jax.Array:
+    """The training objective: mean next-token cross-entropy over every position but the last."""
+    logits_BxLxV = apply(config, params, tokens_BxL)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV[:, :-1], tokens_BxL[:, 1:]).mean()
 
 
 def _boxed_shapes(config: OlmoConfig) -> dict:

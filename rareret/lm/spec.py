@@ -7,7 +7,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-from rareret.errors import is_number, require, require_int_fields
+from rareret.errors import is_int, is_number, require, require_int_fields
 from rareret.lm import inject, ladder
 from rareret.mesh_spec import MeshSpec
 
@@ -29,10 +29,21 @@ class LmTrain:
       learning_rate, warmup_steps, min_lr_ratio: AdamW peak rate, linear warm-up, cosine decay
         to min_lr_ratio · peak at the last step.
       weight_decay, clip_norm: AdamW decoupled decay; global-norm gradient clipping.
-      record_every, checkpoint_every: steps between metric records / checkpoints.
+      record_every: steps between metric records (behaviour: losses and task metrics).
+      checkpoint_every: steps between checkpoints (taken at the first record at or past each
+        multiple, and at the end).
       seed: data order, model init and injection placement.
-      tasks: injected tasks (`inject.TaskSpec`s).
-      eval_instances: test (and train) instances per task used for the task metrics.
+      tasks: injected tasks (`inject.TaskSpec`s); none is a plain LM run.
+      eval_instances: None scores every train and test instance of each task; a number caps
+        both splits at their first `eval_instances` instances.
+      eval_batch: instances per evaluation batch (memory only; results do not change).
+      val_sequences: packed sequences held out of training for `val_loss` (0: none).
+      probe_every: steps between representation probes and MLP ablations (0: never).
+      interference_every: steps between LM gradient-interference records (0: never).
+      interference_top_k: first-layer MLP neurons per task in the gradient measurements.
+      injection_window: with interference on, also record (with interference) the state just
+        before each injection of an `every_n` task and after each of the next
+        `injection_window` + 1 steps.
       mesh: device mesh (`MeshSpec`).
     """
 
@@ -56,13 +67,25 @@ class LmTrain:
     checkpoint_every: int = 50
     seed: int = 0
     tasks: Sequence[inject.TaskSpec] = ()
-    eval_instances: int = 1000
+    eval_instances: int | None = None
+    eval_batch: int = 1000
+    val_sequences: int = 16
+    probe_every: int = 0
+    interference_every: int = 0
+    interference_top_k: int = 64
+    injection_window: int = 0
     mesh: MeshSpec = MeshSpec()
 
     def __post_init__(self):
         require_int_fields(self, 1, "vocab_size", "seq_len", "global_batch", "num_steps",
-                           "record_every", "checkpoint_every", "eval_instances")
-        require_int_fields(self, 0, "warmup_steps", "seed", "eos_id")
+                           "record_every", "checkpoint_every", "eval_batch",
+                           "interference_top_k")
+        require_int_fields(self, 0, "warmup_steps", "seed", "eos_id", "val_sequences",
+                           "probe_every", "interference_every", "injection_window")
+        require(self.eval_instances is None
+                or (is_int(self.eval_instances) and self.eval_instances >= 1),
+                f"LmTrain.eval_instances={self.eval_instances!r} must be None (all) or an "
+                f"integer ≥ 1")
         require(self.warmup_steps < self.num_steps, f"LmTrain.warmup_steps={self.warmup_steps} "
                 f"must be < num_steps={self.num_steps} (warm-up, then cosine decay to the end)")
         require(is_number(self.learning_rate) and 0 < self.learning_rate < math.inf,
@@ -79,3 +102,22 @@ class LmTrain:
         require(len(set(names)) == len(names), f"LmTrain.tasks: duplicate task names {names}")
         ladder.config_for(self.model, variant=self.variant, compute_dtype=self.compute_dtype,
                           remat=self.remat)  # Validates the model fields.
+
+    def record_steps(self, injection_steps=()) -> list[int]:
+        """Steps with a record: 0, every `record_every`, `probe_every` and `interference_every`
+        step, the last, and the `injection_records` of `injection_steps`."""
+        steps = {0, self.num_steps, *range(0, self.num_steps, self.record_every),
+                 *self.injection_records(injection_steps)}
+        for every in (self.probe_every, self.interference_every):
+            if every:
+                steps.update(range(0, self.num_steps, every))
+        return sorted(steps)
+
+    def injection_records(self, injection_steps) -> set[int]:
+        """With interference and an `injection_window`: for each step t in `injection_steps`
+        (a batch holding an instance of an `every_n` task), the records t (just before) and
+        t + 1 … t + 1 + `injection_window` (after), within the run."""
+        if not (self.interference_every and self.injection_window):
+            return set()
+        return {s for t in injection_steps for s in range(t, t + self.injection_window + 2)
+                if s <= self.num_steps}

@@ -31,7 +31,7 @@ import tokenizers
 
 from rareret import processes, sharding, store
 from rareret.errors import ConfigError, require
-from rareret.lm import corpus, data, inject, ladder
+from rareret.lm import corpus, data, gradients, inject, ladder, measurements
 from rareret.lm import model as lm_model
 from rareret.lm.optim import optimizer
 from rareret.lm.spec import LmTrain
@@ -125,12 +125,6 @@ def load_corpus(spec: LmTrain, workdir: str, inputs: UserData) -> Corpus:
     return Corpus(token_corpus.tokens, token_corpus.vocab_size, token_corpus.eos_id)
 
 
-def next_token_loss(config, params, tokens_BxL) -> jax.Array:
-    logits_BxLxV = lm_model.apply(config, params, tokens_BxL)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxLxV[:, :-1], tokens_BxL[:, 1:]).mean()
-
-
 def model_config(spec: LmTrain, vocab_size: int) -> lm_model.OlmoConfig:
     """The model of `spec` over a vocabulary of `vocab_size` tokens (padded)."""
     return ladder.config_for(spec.model, vocab_size=padded_vocab(vocab_size),
@@ -164,15 +158,12 @@ class LmModel:
         self.train_step = jax.jit(
             self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-        self.task_metrics = jax.jit(self._task_metrics,
-                                    out_shardings=sharding.replicated(mesh))
-
-    def _traced(self, fn, *args):
+    def traced(self, fn, *args):
         with jax.set_mesh(self.mesh), lm_model.nn.logical_axis_rules(sharding.RULES):
             return fn(*args)
 
     def init(self):
-        return self._traced(self._init, jax.random.key(self.spec.seed))
+        return self.traced(self._init, jax.random.key(self.spec.seed))
 
     def abstract_state(self):
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -187,54 +178,14 @@ class LmModel:
 
     def _train_step(self, state, tokens_BxL):
         loss, grads = jax.value_and_grad(
-            lambda p: next_token_loss(self.config, p, tokens_BxL))(state["params"])
+            lambda p: lm_model.next_token_loss(self.config, p, tokens_BxL))(state["params"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         return ({"params": optax.apply_updates(state["params"], updates),
                  "opt_state": opt_state, "step": state["step"] + 1}, loss)
 
     def step(self, state, local_batch_bxL: np.ndarray):
         batch = jax.make_array_from_process_local_data(self.batch_sharding, local_batch_bxL)
-        return self._traced(self.train_step, state, batch)
-
-    def _task_metrics(self, params, tokens_BxI, labels_B):
-        """(mean CE of LABEL, accuracy of argmax = LABEL) given TOK1 TOK2, per instance set."""
-        logits_BxV = lm_model.apply(self.config, params, tokens_BxI)[:, inject.LABEL_POS - 1]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxV, labels_B).mean()
-        return loss, jnp.mean(jnp.argmax(logits_BxV, axis=-1) == labels_B)
-
-    def evaluate(self, params, eval_sets) -> dict[str, np.ndarray]:
-        losses, accuracies = [], []
-        for train_set, test_set in eval_sets:
-            losses.append(self._traced(self.task_metrics, params, *train_set)[0])
-            accuracies.append(self._traced(self.task_metrics, params, *test_set)[1])
-        return {"task_loss": np.asarray(jax.device_get(losses), np.float32),
-                "task_accuracy": np.asarray(jax.device_get(accuracies), np.float32)}
-
-
-def record_specs(num_tasks: int, task_names: list[str]) -> dict[str, store.RecordSpec]:
-    tasks_attr = {"tasks": task_names}
-    return {
-        "step": store.RecordSpec((), np.int64, (), {"description": "training steps taken"}),
-        "lm_loss": store.RecordSpec((), np.float32, (), {
-            "description": "next-token cross-entropy averaged over the steps since the last record"}),
-        "task_loss": store.RecordSpec((num_tasks,), np.float32, ("task",), {
-            **tasks_attr, "description": "cross-entropy of LABEL on injected (train) instances"}),
-        "task_accuracy": store.RecordSpec((num_tasks,), np.float32, ("task",), {
-            **tasks_attr, "description": "argmax over the vocabulary = LABEL, held-out instances"}),
-    }
-
-
-def eval_sets(tasks: list[inject.Task], eos_id: int, count: int):
-    """Per task: ((tokens, labels) of train instances, (tokens, labels) of test instances)."""
-    out = []
-    for task in tasks:
-        pair = []
-        for split in ("train", "test"):
-            tokens_BxI, label_pos = inject.eval_batch(task, eos_id, split)
-            tokens_BxI = np.asarray(tokens_BxI[:count], np.int32)
-            pair.append((tokens_BxI, tokens_BxI[:, label_pos]))
-        out.append(tuple(pair))
-    return out
+        return self.traced(self.train_step, state, batch)
 
 
 def spec_dict(spec: LmTrain) -> dict:
@@ -265,11 +216,19 @@ class LmProgram(Program):
         return spec_dict(self.lm_spec)
 
     def record_steps(self) -> list[int]:
+        return self.lm_spec.record_steps(self._injection_steps())
+
+    def _injection_steps(self) -> list[int]:
+        """Steps whose batch holds an instance of an `every_n` task."""
         spec = self.lm_spec
-        return sorted({*range(0, spec.num_steps, spec.record_every), spec.num_steps})
+        return [t for task in spec.tasks if task.every_n
+                for t in range(task.every_n - 1, spec.num_steps, task.every_n)]
 
     def record_specs(self):
-        return record_specs(len(self.lm_spec.tasks), [t.name for t in self.lm_spec.tasks])
+        spec = self.lm_spec
+        return measurements.record_specs([t.name for t in spec.tasks],
+                                         ladder.config_for(spec.model).n_layers,
+                                         bool(spec.probe_every), bool(spec.interference_every))
 
     def setup(self, workdir: str) -> None:
         spec = self.lm_spec
@@ -280,10 +239,14 @@ class LmProgram(Program):
         self.injector = inject.Injector(tasks, spec.global_batch, spec.seq_len, text.eos_id,
                                         seed=spec.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
-        dataset = data.make_dataset(text.tokens, spec.seq_len, spec.global_batch, spec.seed,
-                                    jax.process_index(), jax.process_count())
-        self.iterator = data.make_iterator(dataset)
-        self.evals = eval_sets(tasks, text.eos_id, spec.eval_instances)
+        self.dataset = data.make_dataset(text.tokens, spec.seq_len, spec.global_batch,
+                                         spec.seed, jax.process_index(), jax.process_count(),
+                                         held_out=spec.val_sequences)
+        self.iterator = data.make_iterator(self.dataset)
+        self.measure = measurements.LmMeasurements(
+            spec, self.model.config, self.mesh, tasks, text.eos_id,
+            data.held_out_sequences(text.tokens, spec.seq_len, spec.val_sequences))
+        self._window_records = spec.injection_records(self._injection_steps())
         replicated = sharding.replicated(self.mesh)
         self._loss_sharding = replicated
         self._all_finite = jax.jit(
@@ -317,8 +280,29 @@ class LmProgram(Program):
         return None
 
     def record(self, state: dict, step: int) -> dict:
-        return {"step": np.int64(step), "lm_loss": state["train_loss"],
-                **self.model.evaluate(state["model"]["params"], self.evals)}
+        spec, params = self.lm_spec, state["model"]["params"]
+        injected = self.injector.distinct_injected(step)
+        row = {"step": np.int64(step), "lm_loss": state["train_loss"],
+               **self.model.traced(self.measure.behaviour, params, injected)}
+        if spec.probe_every:
+            row.update(self.model.traced(self.measure.representations, params, injected)
+                       if step % spec.probe_every == 0 else self.measure.no_representations())
+        if spec.interference_every:
+            row.update(self._gradients(params, step) if self._interference_at(step)
+                       else self.measure.no_gradients())
+        return row
+
+    def _interference_at(self, step: int) -> bool:
+        return step % self.lm_spec.interference_every == 0 or step in self._window_records
+
+    def _gradients(self, params, step: int) -> dict:
+        """Interference on the batch of `step` (the one the next update trains on)."""
+        local_bxL, mask_bxL = self.injector.inject(self.dataset[step], step)
+        owner_bxL = np.asarray(gradients.loss_owner(self.injector.row_tasks(step), mask_bxL,
+                                                    len(self.injector.tasks)))
+        tokens, owner = (jax.make_array_from_process_local_data(self.model.batch_sharding, a)
+                         for a in (local_bxL, owner_bxL))
+        return self.model.traced(self.measure.gradients, params, tokens, owner)
 
     def summary(self, row) -> str:
         loss = float(row["lm_loss"])

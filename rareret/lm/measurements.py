@@ -1,0 +1,229 @@
+"""Everything an LM record measures (docs/method.md §6.8): behaviour, representations, where the
+task lives, and gradients. `LmMeasurements` holds the compiled pieces and the instance sets; the
+program calls `behaviour` at every record, `representations` at probe steps and `gradients` at
+interference steps, each returning rows for the record arrays of `record_specs`.
+
+What is read, and where (layers: 0 = the embedded tokens, ℓ = the output of block ℓ − 1, i.e.
+after ℓ blocks; blocks: 0 … n_layers − 1):
+- `task_loss`: LABEL cross-entropy on the train instances injected so far (NaN before the
+  first); `task_accuracy`: argmax over the vocabulary = LABEL on the test instances (all of
+  them unless `LmTrain.eval_instances` caps both splits); `val_loss`: the next-token loss of the
+  held-out sequences.
+- `probe_r2` (T_CMP): per layer, the representation of each of the task's 100 tokens alone at
+  position 0 (causal attention: it depends on the token only), regressed on val(token)
+  (`probes.value_r2`); T_ADD tasks get NaN.
+- `fourier_power` / `fourier_modes` (T_ADD): per layer, the representation at position 1 (TOK2,
+  where LABEL is predicted) of every test instance, averaged per class (a + b) mod 100, then
+  `probes.fourier_power`; T_CMP tasks get NaN.
+- `mlp_ablation`: the task loss (train instances injected so far) with one block's MLP output
+  zeroed, per block.
+- `grad_cosine` / `interference` (`gradients.lm_interference`): on the batch the next step
+  trains on, with the first-layer MLP's top neurons of each task's reference gradient.
+
+Shapes (docs/method.md "Shape letters"): B instances, I instance length, D d_model, K tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rareret import sharding, store
+from rareret.lm import evaluation, gradients, inject, probes
+from rareret.lm import model as lm_model
+
+NUM_CLASSES = inject.NUM_VALUES  # T_ADD's output classes (a + b) mod 100.
+FREQUENCIES = NUM_CLASSES // 2
+
+
+def record_specs(task_names: list[str], n_layers: int, probes_on: bool,
+                 interference_on: bool) -> dict[str, store.RecordSpec]:
+    """The LM run's record arrays."""
+    K, tasks = len(task_names), {"tasks": task_names}
+    layers = {"layers": "0 = embedded tokens, l = after l blocks"}
+    specs = {
+        "step": store.RecordSpec((), np.int64, (), {"description": "training steps taken"}),
+        "lm_loss": store.RecordSpec((), np.float32, (), {
+            "description": "next-token cross-entropy averaged over the steps since the last "
+                           "record (NaN at step 0)"}),
+        "val_loss": store.RecordSpec((), np.float32, (), {
+            "description": "next-token cross-entropy of the held-out sequences (NaN: none)"}),
+        "task_loss": store.RecordSpec((K,), np.float32, ("task",), {
+            **tasks, "description": "cross-entropy of LABEL on the train instances injected so "
+                                    "far (NaN before the first injection)"}),
+        "task_accuracy": store.RecordSpec((K,), np.float32, ("task",), {
+            **tasks, "description": "argmax over the vocabulary = LABEL, held-out test "
+                                    "instances"}),
+    }
+    missing = {"missing": "NaN at records without this measurement, and for tasks of the "
+                          "other kind"}
+    if probes_on:
+        specs.update({
+            "probe_r2": store.RecordSpec((K, n_layers + 1), np.float32, ("task", "layer"), {
+                **tasks, **layers, **missing, "description": "T_CMP: held-out R² of val(token) "
+                "regressed on the token's representation (top-50 principal components)"}),
+            "probe_r2_null": store.RecordSpec((K, n_layers + 1), np.float32, ("task", "layer"), {
+                **tasks, **layers, **missing, "description": "probe_r2 with shuffled values"}),
+            "fourier_power": store.RecordSpec(
+                (K, n_layers + 1, FREQUENCIES), np.float32, ("task", "layer", "frequency"), {
+                    **tasks, **layers, **missing, "frequencies": "1 … 50",
+                    "description": "T_ADD: fraction of the class means' variance per frequency"}),
+            "fourier_modes": store.RecordSpec((K, n_layers + 1), np.float32, ("task", "layer"), {
+                **tasks, **layers, **missing,
+                "description": "T_ADD: frequencies above twice the null level 2/(P-1)"}),
+            "mlp_ablation": store.RecordSpec((K, n_layers), np.float32, ("task", "block"), {
+                **tasks, "missing": missing["missing"].split(",")[0],
+                "description": "task_loss with this block's MLP output zeroed"}),
+        })
+    if interference_on:
+        with_text = {"tasks": [*task_names, "text"], "layer": gradients.LAYER}
+        specs.update({
+            "grad_cosine": store.RecordSpec((K, len(gradients.PARTS)), np.float32,
+                                            ("task", "part"), {
+                **tasks, "parts": list(gradients.PARTS), **missing,
+                "description": "cosine of the batch gradient (all tokens, task tokens, other "
+                               "tokens) with the task's reference gradient, on the task's top "
+                               "first-layer MLP neurons"}),
+            "interference": store.RecordSpec((K + 1, K + 1), np.float32, ("task_i", "task_j"), {
+                **with_text, "missing": "NaN at records without this measurement",
+                "description": "cosines of the tasks' reference gradients and the batch's text "
+                               "gradient, on the union of the tasks' top neurons"}),
+        })
+    return specs
+
+
+def _padded(batch: int, *arrays):
+    """The arrays cut into batches of `batch` rows, the last padded with zero rows."""
+    n = len(arrays[0])
+    total = max(-(-n // batch), 1) * batch
+    padded = [np.concatenate([a, np.zeros((total - n, *a.shape[1:]), a.dtype)]) for a in arrays]
+    return [[a[i:i + batch] for a in padded] for i in range(0, total, batch)]
+
+
+class LmMeasurements:
+    """The compiled measurements of one LM run and the instance sets they read."""
+
+    def __init__(self, spec, config, mesh, tasks: list[inject.Task], eos_id: int,
+                 held_out_BxL: np.ndarray):
+        self.spec, self.config, self.tasks = spec, config, tasks
+        self.replicated = sharding.replicated(mesh)
+        self.held_out_BxL = held_out_BxL
+        cap = spec.eval_instances  # Train instances: the first `cap` to be injected.
+        self.train_sets = [inject.eval_batch(t, eos_id, "train")[0][inject.injection_order(t)]
+                           [:cap] for t in tasks]
+        self.test_sets = [inject.eval_batch(t, eos_id, "test")[0][:cap] for t in tasks]
+        jit = functools.partial(jax.jit, out_shardings=self.replicated)
+        self._label_sums = jit(functools.partial(evaluation.label_sums, config))
+        self._ablated_sum = jit(functools.partial(evaluation.label_loss_sum_without_mlp, config),
+                                static_argnums=4)
+        self._text_loss = jit(functools.partial(lm_model.next_token_loss, config))
+        self._hidden = jit(lambda params, tokens: jnp.stack(
+            lm_model.apply_with_hidden(config, params, tokens)[1]))
+        self._class_sums = jit(functools.partial(_class_sums, config))
+        self._interference = jit(functools.partial(
+            gradients.lm_interference, config, top_k=spec.interference_top_k))
+
+    # ------------------------------------------------------------------------------ behaviour
+
+    def _sums(self, fn, params, instances_BxI, weights_B, *static):
+        """Adds `fn`'s sums over fixed-size batches of the instances (weights 0 in padding)."""
+        total = None
+        for tokens, weights in _padded(self.spec.eval_batch, instances_BxI,
+                                       weights_B.astype(np.float32)):
+            out = fn(params, tokens, tokens[:, inject.LABEL_POS], weights, *static)
+            total = out if total is None else jax.tree.map(jnp.add, total, out)
+        return total
+
+    def behaviour(self, params, injected: list[int]) -> dict:
+        """val_loss, task_loss (on the first `injected[k]` train instances of task k, in
+        injection order) and task_accuracy."""
+        losses, accuracies = [], []
+        for train, test, count in zip(self.train_sets, self.test_sets, injected):
+            loss_sum, _, count = self._sums(self._label_sums, params, train,
+                                            np.arange(len(train)) < count)
+            losses.append(evaluation.mean(loss_sum, count))
+            _, correct, count = self._sums(self._label_sums, params, test, np.ones(len(test)))
+            accuracies.append(evaluation.mean(correct, count))
+        val = (self._text_loss(params, self.held_out_BxL) if len(self.held_out_BxL)
+               else jnp.float32(jnp.nan))
+        return {"val_loss": val, "task_loss": _stack(losses), "task_accuracy": _stack(accuracies)}
+
+    # ------------------------------------------------------------------------ representations
+
+    def representations(self, params, injected: list[int]) -> dict:
+        """probe_r2, probe_r2_null, fourier_power, fourier_modes and mlp_ablation rows."""
+        layers, rows = self.config.n_layers + 1, self.no_representations()
+        for k, (task, train, count) in enumerate(zip(self.tasks, self.train_sets, injected)):
+            if task.spec.kind == "cmp":
+                hidden_LxTxD = np.asarray(self._hidden(params, task.tokens[:, None].astype(
+                    np.int32)))[:, :, 0]
+                for layer, reps in enumerate(hidden_LxTxD):
+                    rows["probe_r2"][k, layer], rows["probe_r2_null"][k, layer] = (
+                        probes.value_r2(reps, task.values))
+            else:
+                means_LxPxD = self._class_means(params, task)
+                for layer, means in enumerate(means_LxPxD):
+                    power = probes.fourier_power(means)
+                    rows["fourier_power"][k, layer] = power
+                    rows["fourier_modes"][k, layer] = probes.fourier_modes(power, NUM_CLASSES)
+            weights = np.arange(len(train)) < count
+            count = float(weights.sum())
+            for block in range(layers - 1):
+                total = self._sums(self._ablated_sum, params, train, weights, block)
+                rows["mlp_ablation"][k, block] = np.float32(total / count) if count else np.nan
+        return rows
+
+    def no_representations(self) -> dict:
+        """NaN rows of the representation arrays, for records without probes."""
+        layers, K = self.config.n_layers + 1, len(self.tasks)
+        return {"probe_r2": np.full((K, layers), np.nan, np.float32),
+                "probe_r2_null": np.full((K, layers), np.nan, np.float32),
+                "fourier_power": np.full((K, layers, FREQUENCIES), np.nan, np.float32),
+                "fourier_modes": np.full((K, layers), np.nan, np.float32),
+                "mlp_ablation": np.full((K, layers - 1), np.nan, np.float32)}
+
+    def _class_means(self, params, task: inject.Task) -> np.ndarray:
+        """[layers, classes, D]: the mean residual at position 1 of the test instances per
+        class (a + b) mod 100."""
+        value = dict(zip(task.tokens.tolist(), task.values.tolist()))
+        test = self.test_sets[self.tasks.index(task)]
+        classes_B = np.asarray([(value[a] + value[b]) % NUM_CLASSES for a, b in test[:, :2]],
+                               np.int32)
+        sums, counts = None, np.bincount(classes_B, minlength=NUM_CLASSES)
+        for tokens, classes, weights in _padded(self.spec.eval_batch, test[:, :2], classes_B,
+                                                np.ones(len(test), np.float32)):
+            out = self._class_sums(params, tokens, classes, weights)
+            sums = out if sums is None else sums + out
+        sums = np.asarray(sums, np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):  # An empty class gives NaN.
+            return sums / counts[None, :, None]
+
+    # ------------------------------------------------------------------------------ gradients
+
+    def gradients(self, params, tokens_BxL, owner) -> dict:
+        """grad_cosine and interference of the batch `tokens_BxL` (global arrays)."""
+        if not self.tasks:
+            return {"grad_cosine": np.zeros((0, len(gradients.PARTS)), np.float32),
+                    "interference": np.full((1, 1), np.nan, np.float32)}
+        instances_KxBxI = np.stack([t.train for t in self.tasks]).astype(np.int32)
+        out = self._interference(params, tokens_BxL, owner, instances_KxBxI)
+        return {"grad_cosine": out.grad_cosine, "interference": out.interference}
+
+    def no_gradients(self) -> dict:
+        K = len(self.tasks)
+        return {"grad_cosine": np.full((K, len(gradients.PARTS)), np.nan, np.float32),
+                "interference": np.full((K + 1, K + 1), np.nan, np.float32)}
+
+
+def _stack(values) -> jax.Array:
+    return jnp.stack(values) if values else jnp.zeros((0,), jnp.float32)
+
+
+def _class_sums(config, params, tokens_BxI, classes_B, weights_B):
+    """[layers, classes, D]: Σ over instances of each class of the residual at position 1."""
+    hidden = jnp.stack(lm_model.apply_with_hidden(config, params, tokens_BxI)[1])[:, :, 1]
+    one_hot_BxP = jax.nn.one_hot(classes_B, NUM_CLASSES) * weights_B[:, None]
+    return jnp.einsum("bp,lbd->lpd", one_hot_BxP, hidden.astype(jnp.float32))
