@@ -27,7 +27,10 @@ from rareret.lm.config import OlmoConfig
 
 
 def _label_logits(config: OlmoConfig, params, tokens_BxI) -> jax.Array:
-    return lm_model.apply(config, params, tokens_BxI)[:, inject.LABEL_POS - 1]
+    """Logits of LABEL's position; only TOK1 TOK2 are fed (causal: the rest cannot change
+    them)."""
+    return lm_model.apply(config, params, tokens_BxI[:, :inject.LABEL_POS])[:,
+                                                                           inject.LABEL_POS - 1]
 
 
 def mean(total, weight):
@@ -43,14 +46,16 @@ def label_sums(config: OlmoConfig, params, tokens_BxI, labels_B, weights_B):
     return (jnp.sum(weights_B * losses_B), jnp.sum(weights_B * correct_B), jnp.sum(weights_B))
 
 
-def _zero_mlp_of(layer: int):
-    """A linen interceptor that replaces the output of block `layer`'s MLP by zeros."""
+def _zero_mlp_of(layer):
+    """A linen interceptor that replaces the output of block `layer`'s MLP by zeros (`layer` may
+    be traced: one compiled program serves every block)."""
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         module = context.module
+        parent = module.parent.name if module.parent is not None else None
         if (context.method_name == "__call__" and module.name == "mlp"
-                and module.parent is not None and module.parent.name == f"block_{layer}"):
-            return jnp.zeros_like(out)
+                and isinstance(parent, str) and parent.startswith("block_")):
+            return jnp.where(layer == int(parent[len("block_"):]), jnp.zeros_like(out), out)
         return out
     return interceptor
 

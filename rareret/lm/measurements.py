@@ -17,6 +17,8 @@ after ℓ blocks; blocks: 0 … n_layers − 1):
   `probes.fourier_power`; T_CMP tasks get NaN.
 - `mlp_ablation`: the task loss (train instances injected so far) with one block's MLP output
   zeroed, per block.
+- `reference_loss` (with `LmTrain.reference_templates`): the answer loss of the natural-text
+  templates R_cmp and R_add (`rareret.lm.templates`).
 - `grad_cosine` / `interference` (`gradients.lm_interference`): on the batch the next step
   trains on, with the first-layer MLP's top neurons of each task's reference gradient.
 
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rareret import sharding, store
-from rareret.lm import evaluation, gradients, inject, probes
+from rareret.lm import evaluation, gradients, inject, probes, templates
 from rareret.lm import model as lm_model
 
 NUM_CLASSES = inject.NUM_VALUES  # T_ADD's output classes (a + b) mod 100.
@@ -40,7 +42,7 @@ FREQUENCIES = NUM_CLASSES // 2
 
 
 def record_specs(task_names: list[str], n_layers: int, probes_on: bool,
-                 interference_on: bool) -> dict[str, store.RecordSpec]:
+                 interference_on: bool, templates_on: bool) -> dict[str, store.RecordSpec]:
     """The LM run's record arrays."""
     K, tasks = len(task_names), {"tasks": task_names}
     layers = {"layers": "0 = embedded tokens, l = after l blocks"}
@@ -58,6 +60,12 @@ def record_specs(task_names: list[str], n_layers: int, probes_on: bool,
             **tasks, "description": "argmax over the vocabulary = LABEL, held-out test "
                                     "instances"}),
     }
+    if templates_on:
+        specs["reference_loss"] = store.RecordSpec((len(templates.TEMPLATES),), np.float32,
+                                                   ("template",), {
+            "templates": list(templates.TEMPLATES),
+            "description": "next-token cross-entropy of the answers of natural-text templates "
+                           "(R_cmp: 'it has increased from x to' y > x; R_add: 'x + y =' x+y)"})
     missing = {"missing": "NaN at records without this measurement, and for tasks of the "
                           "other kind"}
     if probes_on:
@@ -107,19 +115,19 @@ class LmMeasurements:
     """The compiled measurements of one LM run and the instance sets they read."""
 
     def __init__(self, spec, config, mesh, tasks: list[inject.Task], eos_id: int,
-                 held_out_BxL: np.ndarray):
+                 held_out_BxL: np.ndarray, template_batches: dict | None = None):
         self.spec, self.config, self.tasks = spec, config, tasks
         self.replicated = sharding.replicated(mesh)
-        self.held_out_BxL = held_out_BxL
+        self.held_out_BxL, self.template_batches = held_out_BxL, template_batches
         cap = spec.eval_instances  # Train instances: the first `cap` to be injected.
         self.train_sets = [inject.eval_batch(t, eos_id, "train")[0][inject.injection_order(t)]
                            [:cap] for t in tasks]
         self.test_sets = [inject.eval_batch(t, eos_id, "test")[0][:cap] for t in tasks]
         jit = functools.partial(jax.jit, out_shardings=self.replicated)
         self._label_sums = jit(functools.partial(evaluation.label_sums, config))
-        self._ablated_sum = jit(functools.partial(evaluation.label_loss_sum_without_mlp, config),
-                                static_argnums=4)
+        self._ablated_sum = jit(functools.partial(evaluation.label_loss_sum_without_mlp, config))
         self._text_loss = jit(functools.partial(lm_model.next_token_loss, config))
+        self._answer_loss = jit(functools.partial(_answer_loss, config))
         self._hidden = jit(lambda params, tokens: jnp.stack(
             lm_model.apply_with_hidden(config, params, tokens)[1]))
         self._class_sums = jit(functools.partial(_class_sums, config))
@@ -129,10 +137,14 @@ class LmMeasurements:
     # ------------------------------------------------------------------------------ behaviour
 
     def _sums(self, fn, params, instances_BxI, weights_B, *static):
-        """Adds `fn`'s sums over fixed-size batches of the instances (weights 0 in padding)."""
+        """Adds `fn`'s sums over the instances up to the last weighted one, in batches of
+        `eval_batch` rows, or fewer (a power of two, so few shapes compile) when fewer remain;
+        padding rows weigh 0."""
+        count = int(np.flatnonzero(weights_B)[-1]) + 1 if weights_B.any() else 1
+        batch = min(self.spec.eval_batch, 1 << (count - 1).bit_length())
         total = None
-        for tokens, weights in _padded(self.spec.eval_batch, instances_BxI,
-                                       weights_B.astype(np.float32)):
+        for tokens, weights in _padded(batch, instances_BxI[:count],
+                                       weights_B[:count].astype(np.float32)):
             out = fn(params, tokens, tokens[:, inject.LABEL_POS], weights, *static)
             total = out if total is None else jax.tree.map(jnp.add, total, out)
         return total
@@ -149,7 +161,11 @@ class LmMeasurements:
             accuracies.append(evaluation.mean(correct, count))
         val = (self._text_loss(params, self.held_out_BxL) if len(self.held_out_BxL)
                else jnp.float32(jnp.nan))
-        return {"val_loss": val, "task_loss": _stack(losses), "task_accuracy": _stack(accuracies)}
+        row = {"val_loss": val, "task_loss": _stack(losses), "task_accuracy": _stack(accuracies)}
+        if self.template_batches is not None:
+            row["reference_loss"] = _stack([self._answer_loss(params, *self.template_batches[n])
+                                            for n in templates.TEMPLATES])
+        return row
 
     # ------------------------------------------------------------------------ representations
 
@@ -158,14 +174,14 @@ class LmMeasurements:
         layers, rows = self.config.n_layers + 1, self.no_representations()
         for k, (task, train, count) in enumerate(zip(self.tasks, self.train_sets, injected)):
             if task.spec.kind == "cmp":
-                hidden_LxTxD = np.asarray(self._hidden(params, task.tokens[:, None].astype(
+                reps_by_layer = np.asarray(self._hidden(params, task.tokens[:, None].astype(
                     np.int32)))[:, :, 0]
-                for layer, reps in enumerate(hidden_LxTxD):
+                for layer, reps in enumerate(reps_by_layer):
                     rows["probe_r2"][k, layer], rows["probe_r2_null"][k, layer] = (
                         probes.value_r2(reps, task.values))
             else:
-                means_LxPxD = self._class_means(params, task)
-                for layer, means in enumerate(means_LxPxD):
+                means_by_layer = self._class_means(params, task)
+                for layer, means in enumerate(means_by_layer):
                     power = probes.fourier_power(means)
                     rows["fourier_power"][k, layer] = power
                     rows["fourier_modes"][k, layer] = probes.fourier_modes(power, NUM_CLASSES)
@@ -222,8 +238,13 @@ def _stack(values) -> jax.Array:
     return jnp.stack(values) if values else jnp.zeros((0,), jnp.float32)
 
 
+def _answer_loss(config, params, tokens_BxL, weights):
+    """Mean cross-entropy over the loss positions weighted 1 (`templates.template_batches`)."""
+    return jnp.sum(weights * gradients.token_losses(config, params, tokens_BxL)) / jnp.sum(weights)
+
+
 def _class_sums(config, params, tokens_BxI, classes_B, weights_B):
     """[layers, classes, D]: Σ over instances of each class of the residual at position 1."""
     hidden = jnp.stack(lm_model.apply_with_hidden(config, params, tokens_BxI)[1])[:, :, 1]
-    one_hot_BxP = jax.nn.one_hot(classes_B, NUM_CLASSES) * weights_B[:, None]
-    return jnp.einsum("bp,lbd->lpd", one_hot_BxP, hidden.astype(jnp.float32))
+    one_hot = jax.nn.one_hot(classes_B, NUM_CLASSES) * weights_B[:, None]
+    return jnp.einsum("bc,lbd->lcd", one_hot, hidden.astype(jnp.float32))

@@ -41,6 +41,8 @@ class LmTrain:
       probe_every: steps between representation probes and MLP ablations (0: never).
       interference_every: steps between LM gradient-interference records (0: never).
       interference_top_k: first-layer MLP neurons per task in the gradient measurements.
+      reference_templates: also record `reference_loss` on the natural-text counterparts of
+        the tasks (R_cmp, R_add; `rareret.lm.templates`); needs text data.
       injection_window: with interference on, also record (with interference) the state just
         before each injection of an `every_n` task and after each of the next
         `injection_window` + 1 steps.
@@ -74,6 +76,7 @@ class LmTrain:
     interference_every: int = 0
     interference_top_k: int = 64
     injection_window: int = 0
+    reference_templates: bool = False
     mesh: MeshSpec = MeshSpec()
 
     def __post_init__(self):
@@ -82,6 +85,8 @@ class LmTrain:
                            "interference_top_k")
         require_int_fields(self, 0, "warmup_steps", "seed", "eos_id", "val_sequences",
                            "probe_every", "interference_every", "injection_window")
+        require(isinstance(self.reference_templates, bool),
+                f"LmTrain.reference_templates={self.reference_templates!r} must be True or False")
         require(self.eval_instances is None
                 or (is_int(self.eval_instances) and self.eval_instances >= 1),
                 f"LmTrain.eval_instances={self.eval_instances!r} must be None (all) or an "

@@ -31,7 +31,7 @@ import tokenizers
 
 from rareret import processes, sharding, store
 from rareret.errors import ConfigError, require
-from rareret.lm import corpus, data, gradients, inject, ladder, measurements
+from rareret.lm import corpus, data, gradients, inject, ladder, measurements, templates
 from rareret.lm import model as lm_model
 from rareret.lm.optim import optimizer
 from rareret.lm.spec import LmTrain
@@ -98,6 +98,7 @@ class Corpus:
     tokens: tuple[np.ndarray, ...]
     vocab_size: int
     eos_id: int
+    tokenizer: tokenizers.Tokenizer | None = None  # None for token-file data.
 
 
 def load_corpus(spec: LmTrain, workdir: str, inputs: UserData) -> Corpus:
@@ -122,7 +123,7 @@ def load_corpus(spec: LmTrain, workdir: str, inputs: UserData) -> Corpus:
         processes.barrier("rareret.lm: tokenizer trained")
         tokenizer = data.load_tokenizer(saved)
     token_corpus = data.TokenCorpus.from_documents(documents, tokenizer)
-    return Corpus(token_corpus.tokens, token_corpus.vocab_size, token_corpus.eos_id)
+    return Corpus(token_corpus.tokens, token_corpus.vocab_size, token_corpus.eos_id, tokenizer)
 
 
 def model_config(spec: LmTrain, vocab_size: int) -> lm_model.OlmoConfig:
@@ -207,6 +208,9 @@ class LmProgram(Program):
     def __init__(self, spec: LmTrain):
         self.lm_spec, self.checkpoint_every = spec, spec.checkpoint_every
         self.inputs = read_inputs(spec)
+        require(not (spec.reference_templates and self.inputs.tokens is not None),
+                f"LmTrain.reference_templates=True needs text data; LmTrain.data={spec.data} "
+                f"holds token files, which carry no tokenizer")
         self.mesh = sharding.make_mesh(spec.mesh)
         expected_vocab = (self.inputs.tokenizer.get_vocab_size() if self.inputs.tokenizer
                           else spec.vocab_size)
@@ -228,7 +232,8 @@ class LmProgram(Program):
         spec = self.lm_spec
         return measurements.record_specs([t.name for t in spec.tasks],
                                          ladder.config_for(spec.model).n_layers,
-                                         bool(spec.probe_every), bool(spec.interference_every))
+                                         bool(spec.probe_every), bool(spec.interference_every),
+                                         spec.reference_templates)
 
     def setup(self, workdir: str) -> None:
         spec = self.lm_spec
@@ -245,7 +250,8 @@ class LmProgram(Program):
         self.iterator = data.make_iterator(self.dataset)
         self.measure = measurements.LmMeasurements(
             spec, self.model.config, self.mesh, tasks, text.eos_id,
-            data.held_out_sequences(text.tokens, spec.seq_len, spec.val_sequences))
+            data.held_out_sequences(text.tokens, spec.seq_len, spec.val_sequences),
+            templates.template_batches(text.tokenizer) if spec.reference_templates else None)
         self._window_records = spec.injection_records(self._injection_steps())
         replicated = sharding.replicated(self.mesh)
         self._loss_sharding = replicated
