@@ -548,6 +548,8 @@ def write_bad_inputs(root: pathlib.Path) -> dict[str, tuple[list[str], list[str]
         '{"id": "a", "text": "one"}\n\n{"id": "b", "text": "two"}\n{"id": "c", text: 3}\n')
     (root / "no_text.jsonl").write_text('{"id": "a", "text": "one"}\n{"id": "b", "txt": "x"}\n')
     (root / "empty.jsonl").write_text("")
+    (root / "two_docs.jsonl").write_text('{"id": "a", "text": "one two"}\n'
+                                         '{"id": "b", "text": "three four five"}\n')
     tokens = np.zeros(1000, np.uint16)
     tokens[700] = 600
     np.save(root / "tokens.npy", tokens)
@@ -567,6 +569,13 @@ def write_bad_inputs(root: pathlib.Path) -> dict[str, tuple[list[str], list[str]
         "mesh-3-on-1-device": (["--gin_bindings=MeshSpec.data = 3"], ["mesh", "data=3"]),
         "warmup-past-the-end": (["--gin_bindings=LmTrain.warmup_steps = 30"],
                                 ["LmTrain.warmup_steps=30", "num_steps=12"]),
+        # With a tokenizer given, the corpus is built (and checked) before the workdir is.
+        "corpus-too-small": ([data_binding(root / "two_docs.jsonl"),
+                              f"--gin_bindings=LmTrain.tokenizer = '{TOKENIZER}'"],
+                             ["packs into", "sequences of 32 tokens", "global_batch=8"]),
+        "injection-over-capacity": ([f"--gin_bindings=LmTrain.tokenizer = '{TOKENIZER}'",
+                                     "--gin_bindings=cmp/TaskSpec.frequency_per_token = 0.5"],
+                                    ["TaskSpec 'cmp'", "frequency_per_token=0.5"]),
     }
 
 
@@ -591,7 +600,8 @@ def bad_input_runs(shard, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["corrupt-gzip", "not-json-line", "missing-text", "empty-shard",
                                   "token-id-too-big", "mesh-3-on-1-device",
-                                  "warmup-past-the-end"])
+                                  "warmup-past-the-end", "corpus-too-small",
+                                  "injection-over-capacity"])
 def test_cli_bad_input_is_one_line(bad_input_runs, name):
     proc, fragments = bad_input_runs[name]
     assert_one_line_error(proc, *fragments)

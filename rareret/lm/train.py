@@ -215,6 +215,12 @@ class LmProgram(Program):
         expected_vocab = (self.inputs.tokenizer.get_vocab_size() if self.inputs.tokenizer
                           else spec.vocab_size)
         param_shardings(model_config(spec, expected_vocab), self.mesh)  # Fits the mesh?
+        self.built = False
+        if self.inputs.tokens is not None or (self.inputs.documents is not None
+                                              and self.inputs.tokenizer is not None):
+            # Nothing to write into the workdir: build (and so check the corpus size and the
+            # injection schedule) before it is touched; every process must agree.
+            processes.agree(lambda: self._build(load_corpus(spec, "", self.inputs)))
 
     def spec(self) -> dict:
         return spec_dict(self.lm_spec)
@@ -236,8 +242,14 @@ class LmProgram(Program):
                                          spec.reference_templates)
 
     def setup(self, workdir: str) -> None:
+        """Builds what `__init__` could not: the embedded corpus or a tokenizer trained on the
+        corpus are written into the workdir first."""
+        if not self.built:
+            self._build(load_corpus(self.lm_spec, workdir, self.inputs))
+
+    def _build(self, text: Corpus) -> None:
+        """The model, tasks, injector, data pipeline and measurements over `text`."""
         spec = self.lm_spec
-        text = load_corpus(spec, workdir, self.inputs)
         self.model = LmModel(spec, text.vocab_size, self.mesh)
         tasks = [inject.build_task(t, text.vocab_size, reserved=(text.eos_id,))
                  for t in spec.tasks]
@@ -259,6 +271,7 @@ class LmProgram(Program):
             lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
                                             for x in jax.tree.leaves(tree)])),
             out_shardings=replicated)
+        self.built = True
 
     def init(self) -> dict:
         # Made by a jitted function: device_put would compare the NaN across processes.
