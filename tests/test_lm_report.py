@@ -68,8 +68,8 @@ def optional_arrays() -> dict[str, np.ndarray]:
         null[r, 0] = [-0.5, -0.4, -0.6]
         modes[r, 1] = [0, i, 3]  # Record 3: 0 + 2 + 3 = 5 modes.
         power[r, 1] = np.random.default_rng(r).dirichlet(np.ones(50), size=layers)
-    ablation[3] = [[0.7, 1.6], [4.4, 3.6]]  # Rises over task_loss [0.6, 3.5]: [.1, 1], [.9, .1].
-    ablation[2] = [[1.1, 1.2], [4.1, 4.2]]
+    ablation[3] = [[0.1, 1.0], [0.9, 0.1]]  # Rises in task loss per block.
+    ablation[2] = [[0.5, 0.6], [0.6, 0.7]]
     cosine = np.full((records, 2, 3), NAN)
     interference = np.full((records, 3, 3), NAN)
     for r in GRADIENT_RECORDS:

@@ -145,11 +145,11 @@ def ablation_cell(run: LmRun, task: int) -> str:
     """The block whose MLP ablation raises the task loss most, at the last ablation record."""
     if not run.has("mlp_ablation"):
         return "–"
-    ablated_RxN = run.read("mlp_ablation")[:, task]
-    r = last_finite(ablated_RxN)
+    rise_RxN = run.read("mlp_ablation")[:, task]
+    r = last_finite(rise_RxN)
     if r is None:
         return "–"
-    rise_N = ablated_RxN[r] - run.read("task_loss")[r, task]
+    rise_N = rise_RxN[r]
     if not np.isfinite(rise_N).any():
         return "–"
     block = int(np.nanargmax(rise_N))
@@ -276,15 +276,15 @@ def plot_representations(run: LmRun, panels: list[tuple[int, str]], path: str) -
 
 
 def ablation_rise(run: LmRun) -> tuple[np.ndarray, list[int]] | None:
-    """[tasks, blocks] final mlp_ablation − task_loss (each task at its last finite record)."""
-    ablated_RxKxN = run.read("mlp_ablation")
-    loss_RxK = run.read("task_loss")
-    rise_KxN = np.full(ablated_RxKxN.shape[1:], np.nan)
+    """[tasks, blocks] the rise in task loss each block's MLP ablation causes (`mlp_ablation`),
+    each task at its last finite record."""
+    rise_RxKxN = run.read("mlp_ablation")
+    rise_KxN = np.full(rise_RxKxN.shape[1:], np.nan)
     steps = []
     for k in range(rise_KxN.shape[0]):
-        r = last_finite(ablated_RxKxN[:, k])
+        r = last_finite(rise_RxKxN[:, k])
         if r is not None:
-            rise_KxN[k] = ablated_RxKxN[r, k] - loss_RxK[r, k]
+            rise_KxN[k] = rise_RxKxN[r, k]
             steps.append(int(run.steps[r]))
     return (rise_KxN, steps) if np.isfinite(rise_KxN).any() else None
 
@@ -299,7 +299,7 @@ def plot_ablation(run: LmRun, rise_KxN: np.ndarray, path: str) -> None:
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(range(num_blocks))
     ax.set_xlabel("block whose MLP output is zeroed")
-    ax.set_ylabel("task loss with the MLP ablated − task loss")
+    ax.set_ylabel("rise in task loss with the MLP output zeroed")
     ax.set_title("MLP ablation (last ablation record)")
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -15,8 +15,8 @@ after ℓ blocks; blocks: 0 … n_layers − 1):
 - `fourier_power` / `fourier_modes` (T_ADD): per layer, the representation at position 1 (TOK2,
   where LABEL is predicted) of every test instance, averaged per class (a + b) mod 100, then
   `probes.fourier_power`; T_CMP tasks get NaN.
-- `mlp_ablation`: the task loss (train instances injected so far) with one block's MLP output
-  zeroed, per block.
+- `mlp_ablation`: per block, how much the task loss rises when that block's MLP output is
+  zeroed, on the first `eval_batch` train instances injected (NaN before the first).
 - `reference_loss` (with `LmTrain.reference_templates`): the answer loss of the natural-text
   templates R_cmp and R_add (`rareret.lm.templates`).
 - `grad_cosine` / `interference` (`gradients.lm_interference`): on the batch the next step
@@ -84,7 +84,8 @@ def record_specs(task_names: list[str], n_layers: int, probes_on: bool,
                 "description": "T_ADD: frequencies above twice the null level 2/(P-1)"}),
             "mlp_ablation": store.RecordSpec((K, n_layers), np.float32, ("task", "block"), {
                 **tasks, "missing": missing["missing"].split(",")[0],
-                "description": "task_loss with this block's MLP output zeroed"}),
+                "description": "rise of the task loss (first `eval_batch` injected train "
+                               "instances) when this block's MLP output is zeroed"}),
         })
     if interference_on:
         with_text = {"tasks": [*task_names, "text"], "layer": gradients.LAYER}
@@ -185,11 +186,13 @@ class LmMeasurements:
                     power = probes.fourier_power(means)
                     rows["fourier_power"][k, layer] = power
                     rows["fourier_modes"][k, layer] = probes.fourier_modes(power, NUM_CLASSES)
-            weights = np.arange(len(train)) < count
-            count = float(weights.sum())
-            for block in range(layers - 1):
-                total = self._sums(self._ablated_sum, params, train, weights, block)
-                rows["mlp_ablation"][k, block] = np.float32(total / count) if count else np.nan
+            if count:  # On the first injected instances, at most one batch of them.
+                subset, ones = train[:min(count, self.spec.eval_batch)], np.ones(
+                    min(count, self.spec.eval_batch), bool)
+                intact = self._sums(self._label_sums, params, subset, ones)[0]
+                for block in range(layers - 1):
+                    ablated = self._sums(self._ablated_sum, params, subset, ones, block)
+                    rows["mlp_ablation"][k, block] = (ablated - intact) / len(subset)
         return rows
 
     def no_representations(self) -> dict:

@@ -197,10 +197,11 @@ def spec_dict(spec: LmTrain) -> dict:
 class LmProgram(Program):
     """The LM experiment as a `rareret.run.Program`.
 
-    Constructing it validates every input (`read_inputs`) and that the model fits the mesh;
-    `setup` then builds the corpus (training a tokenizer into the workdir if needed), the model,
-    the injector and the data iterator. The state is {"model": LmModel's state, "train_loss":
-    the mean next-token loss over the last `train` call (NaN at step 0)}.
+    Constructing it validates every input (`read_inputs`) and that the model fits the mesh, and
+    builds the corpus, model, tasks, injector, data iterator and measurements when none of them
+    needs a file in the workdir; otherwise `setup` builds them once the embedded corpus or a
+    tokenizer trained on the corpus is written there. The state is {"model": LmModel's state,
+    "train_loss": the mean next-token loss over the last `train` call (NaN at step 0)}.
     """
 
     files = (DATA_DIR, TOKENIZER_FILE)
@@ -215,7 +216,7 @@ class LmProgram(Program):
         expected_vocab = (self.inputs.tokenizer.get_vocab_size() if self.inputs.tokenizer
                           else spec.vocab_size)
         param_shardings(model_config(spec, expected_vocab), self.mesh)  # Fits the mesh?
-        self.built = False
+        self._built = False
         if self.inputs.tokens is not None or (self.inputs.documents is not None
                                               and self.inputs.tokenizer is not None):
             # Nothing to write into the workdir: build (and so check the corpus size and the
@@ -244,7 +245,7 @@ class LmProgram(Program):
     def setup(self, workdir: str) -> None:
         """Builds what `__init__` could not: the embedded corpus or a tokenizer trained on the
         corpus are written into the workdir first."""
-        if not self.built:
+        if not self._built:
             self._build(load_corpus(self.lm_spec, workdir, self.inputs))
 
     def _build(self, text: Corpus) -> None:
@@ -271,7 +272,7 @@ class LmProgram(Program):
             lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
                                             for x in jax.tree.leaves(tree)])),
             out_shardings=replicated)
-        self.built = True
+        self._built = True
 
     def init(self) -> dict:
         # Made by a jitted function: device_put would compare the NaN across processes.
