@@ -5,7 +5,7 @@ import sys
 
 import jax
 
-from rareret.synthetic import sweep, tasks
+from rareret.synthetic import sweep
 from rareret.synthetic.spec import Sweep, TaskMixture
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))

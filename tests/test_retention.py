@@ -5,7 +5,7 @@ import numpy as np
 
 from rareret.analysis import mechanism, phase
 from rareret.run import Run
-from rareret.synthetic import sweep, tasks, theory
+from rareret.synthetic import sweep, theory
 from rareret.synthetic.spec import Injection, Sweep, TaskMixture
 
 MIXTURE = TaskMixture(num_tasks=16, task_dim=8, input_dim=128, beta=2.0, alpha=2.0)

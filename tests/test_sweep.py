@@ -9,7 +9,7 @@ import pytest
 
 from rareret.analysis import phase, report
 from rareret.run import Run
-from rareret.synthetic import sweep, tasks
+from rareret.synthetic import sweep
 from rareret.synthetic.spec import Sweep, TaskMixture
 
 

@@ -54,6 +54,20 @@ def timed_block(run: Run, end: int) -> float:
     return time.perf_counter() - start
 
 
+def lockstep(runs: dict[str, Run], ends: list[int]) -> list[np.ndarray]:
+    """Advances started runs to each step of `ends` in turn, alternating which goes first, then
+    finishes them; per run, the seconds of each block but the first (compilation)."""
+    seconds = {name: [] for name in runs}
+    for block, end in enumerate(ends):
+        order = list(runs) if block % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            seconds[name].append(timed_block(runs[name], end))
+    for run in runs.values():
+        run.finish()
+        run.close()
+    return [np.asarray(values[1:]) for values in seconds.values()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="default: the config's Sweep.num_steps")
@@ -67,21 +81,13 @@ def main() -> None:
                 f"interference every {args.every} ({args.mode})": dataclasses.replace(
                     base, interference_every=args.every, interference_mode=args.mode)}
     ends = list(range(base.record_every, base.num_steps, base.record_every)) + [base.num_steps]
-    seconds = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as root, single_threaded_blas():
         runs = {name: Run(SweepProgram(mixture, spec), os.path.join(root, str(i)),
                           show_progress=False)
                 for i, (name, spec) in enumerate(variants.items())}
         for run in runs.values():
             run.start()
-        for block, end in enumerate(ends):
-            order = list(runs) if block % 2 == 0 else list(runs)[::-1]
-            for name in order:
-                seconds[name].append(timed_block(runs[name], end))
-        for run in runs.values():
-            run.finish()
-            run.close()
-    without, with_ = (np.asarray(values[1:]) for values in seconds.values())
+        without, with_ = lockstep(runs, ends)
     overhead = statistics.median(with_ / without) - 1
     total_overhead = with_.sum() / without.sum() - 1
     print(f"\n{'variant':<40} {'total s':>8} {'median block s':>15}")

@@ -34,7 +34,7 @@ from rareret.lm.spec import LmTrain  # noqa: E402
 from rareret.lm.train import LmProgram  # noqa: E402
 from rareret.run import Run  # noqa: E402
 
-from bench_interference import timed_block  # noqa: E402  (tools/ is the script's directory)
+from bench_interference import lockstep  # noqa: E402  (tools/ is the script's directory)
 
 
 def main() -> None:
@@ -64,16 +64,7 @@ def main() -> None:
             if not os.path.exists(tokenizer) and os.path.exists(trained):
                 os.link(trained, tokenizer)
             runs[name] = run
-        ends = list(range(args.every, args.steps + 1, args.every))
-        seconds = {name: [] for name in runs}
-        for block, end in enumerate(ends):
-            order = list(runs) if block % 2 == 0 else list(runs)[::-1]
-            for name in order:
-                seconds[name].append(timed_block(runs[name], end))
-        for run in runs.values():
-            run.finish()
-            run.close()
-    without, with_ = (np.asarray(values[1:]) for values in seconds.values())
+        without, with_ = lockstep(runs, list(range(args.every, args.steps + 1, args.every)))
     overhead = statistics.median(with_ / without) - 1
     total = with_.sum() / without.sum() - 1
     print(f"\n{'variant':<40} {'total s':>8} {'median block s':>15}")

@@ -44,7 +44,6 @@ import numpy as np
 
 from rareret.errors import ConfigError, one_line
 from rareret.synthetic import sweep as sweep_lib
-from rareret.synthetic import tasks
 from rareret.synthetic.spec import Sweep, TaskMixture
 
 try:

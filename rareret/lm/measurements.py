@@ -16,7 +16,8 @@ after ℓ blocks; blocks: 0 … n_layers − 1):
   where LABEL is predicted) of every test instance, averaged per class (a + b) mod 100, then
   `probes.fourier_power`; T_CMP tasks get NaN.
 - `mlp_ablation`: per block, how much the task loss rises when that block's MLP output is
-  zeroed, on the first `eval_batch` train instances injected (NaN before the first).
+  zeroed, on the first `ABLATION_INSTANCES` (256) train instances injected (NaN before the
+  first).
 - `reference_loss` (with `LmTrain.reference_templates`): the answer loss of the natural-text
   templates R_cmp and R_add (`rareret.lm.templates`).
 - `grad_cosine` / `interference` (`gradients.lm_interference`): on the batch the next step
@@ -39,6 +40,7 @@ from rareret.lm import model as lm_model
 
 NUM_CLASSES = inject.NUM_VALUES  # T_ADD's output classes (a + b) mod 100.
 FREQUENCIES = NUM_CLASSES // 2
+ABLATION_INSTANCES = 256  # Injected instances an MLP ablation is measured on (its cost bound).
 
 
 def record_specs(task_names: list[str], n_layers: int, probes_on: bool,
@@ -84,8 +86,8 @@ def record_specs(task_names: list[str], n_layers: int, probes_on: bool,
                 "description": "T_ADD: frequencies above twice the null level 2/(P-1)"}),
             "mlp_ablation": store.RecordSpec((K, n_layers), np.float32, ("task", "block"), {
                 **tasks, "missing": missing["missing"].split(",")[0],
-                "description": "rise of the task loss (first `eval_batch` injected train "
-                               "instances) when this block's MLP output is zeroed"}),
+                "description": "rise of the task loss (first 256 injected train instances) "
+                               "when this block's MLP output is zeroed"}),
         })
     if interference_on:
         with_text = {"tasks": [*task_names, "text"], "layer": gradients.LAYER}
@@ -186,9 +188,9 @@ class LmMeasurements:
                     power = probes.fourier_power(means)
                     rows["fourier_power"][k, layer] = power
                     rows["fourier_modes"][k, layer] = probes.fourier_modes(power, NUM_CLASSES)
-            if count:  # On the first injected instances, at most one batch of them.
-                subset, ones = train[:min(count, self.spec.eval_batch)], np.ones(
-                    min(count, self.spec.eval_batch), bool)
+            if count:  # On the first ABLATION_INSTANCES injected instances.
+                subset = train[:min(count, ABLATION_INSTANCES)]
+                ones = np.ones(len(subset), bool)
                 intact = self._sums(self._label_sums, params, subset, ones)[0]
                 for block in range(layers - 1):
                     ablated = self._sums(self._ablated_sum, params, subset, ones, block)

@@ -41,7 +41,6 @@ E head dimension, F MLP hidden width, V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 

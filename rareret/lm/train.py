@@ -29,7 +29,7 @@ import numpy as np
 import optax
 import tokenizers
 
-from rareret import processes, sharding, store
+from rareret import processes, sharding
 from rareret.errors import ConfigError, require
 from rareret.lm import corpus, data, gradients, inject, ladder, measurements, templates
 from rareret.lm import model as lm_model
