@@ -30,6 +30,7 @@ from rareret.run import Program
 from rareret.synthetic import model, optim, records, tasks, theory
 from rareret.synthetic.spec import Injection, Sweep, TaskMixture, rarest_task
 
+
 class SweepProgram(Program):
     """The compiled pieces of a sweep: init, a chunk of training steps, metrics, interference.
 
