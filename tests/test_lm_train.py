@@ -576,6 +576,10 @@ def write_bad_inputs(root: pathlib.Path) -> dict[str, tuple[list[str], list[str]
         "injection-over-capacity": ([f"--gin_bindings=LmTrain.tokenizer = '{TOKENIZER}'",
                                      "--gin_bindings=cmp/TaskSpec.frequency_per_token = 0.5"],
                                     ["TaskSpec 'cmp'", "frequency_per_token=0.5"]),
+        # A tokenizer trained into the workdir, or the embedded corpus: still checked first.
+        "over-capacity-on-the-default-corpus": (
+            ["--gin_bindings=LmTrain.data = 'default'", "--gin_bindings=add/TaskSpec.every_n = 9"],
+            ["TaskSpec 'add'", "every_n=9", "global_batch=8"]),
     }
 
 
@@ -601,7 +605,8 @@ def bad_input_runs(shard, tmp_path_factory):
 @pytest.mark.parametrize("name", ["corrupt-gzip", "not-json-line", "missing-text", "empty-shard",
                                   "token-id-too-big", "mesh-3-on-1-device",
                                   "warmup-past-the-end", "corpus-too-small",
-                                  "injection-over-capacity"])
+                                  "injection-over-capacity",
+                                  "over-capacity-on-the-default-corpus"])
 def test_cli_bad_input_is_one_line(bad_input_runs, name):
     proc, fragments = bad_input_runs[name]
     assert_one_line_error(proc, *fragments)

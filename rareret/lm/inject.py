@@ -199,6 +199,26 @@ def _stream(task: Task, start: int, count: int) -> np.ndarray:
     return out
 
 
+def check_capacity(specs: Sequence[TaskSpec], global_batch: int, seq_len: int) -> None:
+    """ConfigError unless the tasks' largest per-step counts fit the batch, one instance per
+    sequence (a pure function of the specs: checked before anything is built)."""
+    peaks = {}
+    for spec in specs:
+        peak = _max_count(spec, global_batch * seq_len)
+        if spec.every_n is not None:
+            value, allowed = f"every_n={spec.every_n}", f"every_n ≤ {global_batch}"
+        else:
+            value = f"frequency_per_token={spec.frequency_per_token}"
+            allowed = f"frequency_per_token ≤ 1/seq_len = {1 / seq_len:.6g}"
+        require(peak <= global_batch,
+                f"TaskSpec {spec.name!r}: {value} injects up to {peak} instances per batch; "
+                f"allowed at most global_batch={global_batch} (one per sequence), i.e. {allowed}")
+        peaks[spec.name] = peak
+    require(sum(peaks.values()) <= global_batch,
+            f"Injector: tasks inject up to {sum(peaks.values())} instances per batch {peaks}; "
+            f"allowed at most global_batch={global_batch}, one per sequence")
+
+
 class Injector:
     """Writes the tasks' train instances into batches; the module docstring gives the rules.
 
@@ -222,27 +242,11 @@ class Injector:
         self.tokens_per_batch = global_batch * seq_len
         self.local_batch = global_batch // process_count
         self.first_row = process_index * self.local_batch
-        peaks = {task.spec.name: self._check_task(task) for task in self.tasks}
-        require(sum(peaks.values()) <= global_batch,
-                f"Injector: tasks inject up to {sum(peaks.values())} instances per batch "
-                f"{peaks}; allowed at most global_batch={global_batch}, one per sequence")
-
-    def _check_task(self, task: Task) -> int:
-        """Checks EOS and the task's per-step count against the batch; returns that count."""
-        spec, batch = task.spec, self.global_batch
-        require(self.eos_id not in task.tokens and self.eos_id not in task.label_tokens,
-                f"Injector: eos_id={self.eos_id} is a token of task {spec.name!r}; pass it in "
-                f"build_task's reserved ids")
-        peak = _max_count(spec, self.tokens_per_batch)
-        if spec.every_n is not None:
-            value, allowed = f"every_n={spec.every_n}", f"every_n ≤ {batch}"
-        else:
-            value = f"frequency_per_token={spec.frequency_per_token}"
-            allowed = f"frequency_per_token ≤ 1/seq_len = {1 / self.seq_len:.6g}"
-        require(peak <= batch,
-                f"TaskSpec {spec.name!r}: {value} injects up to {peak} instances per batch; "
-                f"allowed at most global_batch={batch} (one per sequence), i.e. {allowed}")
-        return peak
+        for task in self.tasks:
+            require(eos_id not in task.tokens and eos_id not in task.label_tokens,
+                    f"Injector: eos_id={eos_id} is a token of task {task.spec.name!r}; pass it "
+                    f"in build_task's reserved ids")
+        check_capacity([task.spec for task in self.tasks], global_batch, seq_len)
 
     def counts(self, step: int) -> dict[str, int]:
         """Instances of each task injected at `step` (over the global batch)."""

@@ -105,6 +105,7 @@ class LmTrain:
                 f"LmTrain.seq_len={self.seq_len} must be ≥ {inject.INSTANCE_LEN} (a task instance)")
         names = [t.name for t in self.tasks]
         require(len(set(names)) == len(names), f"LmTrain.tasks: duplicate task names {names}")
+        inject.check_capacity(self.tasks, self.global_batch, self.seq_len)
         ladder.config_for(self.model, variant=self.variant, compute_dtype=self.compute_dtype,
                           remat=self.remat)  # Validates the model fields.
 
