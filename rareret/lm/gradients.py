@@ -70,13 +70,6 @@ PARTS = ("all", "task_tokens", "other_tokens")  # grad_cosine's last axis: g, g_
 
 # ----------------------------------------------------------------------------- losses
 
-def token_losses(config, params, tokens_BxL: jax.Array) -> jax.Array:
-    """Next-token cross-entropy at every loss position, [B, L−1] (position p predicts p+1)."""
-    logits_BxLxV = lm_model.apply(config, params, tokens_BxL)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV[:, :-1],
-                                                           tokens_BxL[:, 1:])
-
-
 def loss_normaliser(tokens_BxL) -> int:
     """B·(L−1): the loss positions of the batch, the train step's mean's denominator."""
     return tokens_BxL.shape[0] * (tokens_BxL.shape[1] - 1)
@@ -88,7 +81,7 @@ def masked_loss(config, params, tokens_BxL: jax.Array, weights: jax.Array) -> ja
     With all weights 1 it is `model.next_token_loss`; weights that partition the positions
     (masks summing to 1 everywhere) give losses, hence gradients, that sum to it exactly.
     """
-    losses = token_losses(config, params, tokens_BxL)
+    losses = lm_model.token_losses(config, params, tokens_BxL)
     return jnp.sum(losses * weights) / loss_normaliser(tokens_BxL)
 
 
@@ -218,7 +211,7 @@ def batch_part_gradients(config, params, tokens_BxL: jax.Array, owner: jax.Array
     owner_flat = owner.reshape(-1)
 
     def example_losses(g):
-        return token_losses(config, with_mlp_group(params, g), tokens_BxL).reshape(-1)
+        return lm_model.token_losses(config, with_mlp_group(params, g), tokens_BxL).reshape(-1)
 
     means = interference.task_gradients(example_losses, group, owner_flat, num_parts, task_chunk)
     counts = jnp.bincount(owner_flat, length=num_parts)

@@ -126,6 +126,9 @@ class LmMeasurements:
         self.train_sets = [inject.eval_batch(t, eos_id, "train")[0][inject.injection_order(t)]
                            [:cap] for t in tasks]
         self.test_sets = [inject.eval_batch(t, eos_id, "test")[0][:cap] for t in tasks]
+        self.test_classes = [_answer_classes(t, test) for t, test in zip(tasks, self.test_sets)]
+        self.reference_instances = (np.stack([t.train for t in tasks]).astype(np.int32)
+                                    if tasks else None)  # g_r's instances, [K, 5000, 3].
         jit = functools.partial(jax.jit, out_shardings=self.replicated)
         self._label_sums = jit(functools.partial(evaluation.label_sums, config))
         self._ablated_sum = jit(functools.partial(evaluation.label_loss_sum_without_mlp, config))
@@ -183,7 +186,7 @@ class LmMeasurements:
                     rows["probe_r2"][k, layer], rows["probe_r2_null"][k, layer] = (
                         probes.value_r2(reps, task.values))
             else:
-                means_by_layer = self._class_means(params, task)
+                means_by_layer = self._class_means(params, k)
                 for layer, means in enumerate(means_by_layer):
                     power = probes.fourier_power(means)
                     rows["fourier_power"][k, layer] = power
@@ -206,13 +209,10 @@ class LmMeasurements:
                 "fourier_modes": np.full((K, layers), np.nan, np.float32),
                 "mlp_ablation": np.full((K, layers - 1), np.nan, np.float32)}
 
-    def _class_means(self, params, task: inject.Task) -> np.ndarray:
-        """[layers, classes, D]: the mean residual at position 1 of the test instances per
-        class (a + b) mod 100."""
-        value = dict(zip(task.tokens.tolist(), task.values.tolist()))
-        test = self.test_sets[self.tasks.index(task)]
-        classes_B = np.asarray([(value[a] + value[b]) % NUM_CLASSES for a, b in test[:, :2]],
-                               np.int32)
+    def _class_means(self, params, k: int) -> np.ndarray:
+        """[layers, classes, D]: the mean residual at position 1 of task k's test instances
+        per class (a + b) mod 100."""
+        test, classes_B = self.test_sets[k], self.test_classes[k]
         sums, counts = None, np.bincount(classes_B, minlength=NUM_CLASSES)
         for tokens, classes, weights in _padded(self.spec.eval_batch, test[:, :2], classes_B,
                                                 np.ones(len(test), np.float32)):
@@ -229,8 +229,7 @@ class LmMeasurements:
         if not self.tasks:
             return {"grad_cosine": np.zeros((0, len(gradients.PARTS)), np.float32),
                     "interference": np.full((1, 1), np.nan, np.float32)}
-        instances_KxBxI = np.stack([t.train for t in self.tasks]).astype(np.int32)
-        out = self._interference(params, tokens_BxL, owner, instances_KxBxI)
+        out = self._interference(params, tokens_BxL, owner, self.reference_instances)
         return {"grad_cosine": out.grad_cosine, "interference": out.interference}
 
     def no_gradients(self) -> dict:
@@ -245,7 +244,14 @@ def _stack(values) -> jax.Array:
 
 def _answer_loss(config, params, tokens_BxL, weights):
     """Mean cross-entropy over the loss positions weighted 1 (`templates.template_batches`)."""
-    return jnp.sum(weights * gradients.token_losses(config, params, tokens_BxL)) / jnp.sum(weights)
+    return jnp.sum(weights * lm_model.token_losses(config, params, tokens_BxL)) / jnp.sum(weights)
+
+
+def _answer_classes(task: inject.Task, instances_BxI: np.ndarray) -> np.ndarray:
+    """[B] int32: (val(TOK1) + val(TOK2)) mod 100 of each instance."""
+    value = dict(zip(task.tokens.tolist(), task.values.tolist()))
+    return np.asarray([(value[a] + value[b]) % NUM_CLASSES for a, b in instances_BxI[:, :2]],
+                      np.int32)
 
 
 def _class_sums(config, params, tokens_BxI, classes_B, weights_B):

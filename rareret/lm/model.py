@@ -273,11 +273,16 @@ def apply_with_hidden(config: OlmoConfig, params: dict,
     return Decoder(config).apply({"params": params}, tokens_BxL)
 
 
+def token_losses(config: OlmoConfig, params: dict, tokens_BxL: jax.Array) -> jax.Array:
+    """Next-token cross-entropy at every loss position, [B, L−1] (position p predicts p+1)."""
+    logits_BxLxV = apply(config, params, tokens_BxL)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV[:, :-1],
+                                                           tokens_BxL[:, 1:])
+
+
 def next_token_loss(config: OlmoConfig, params: dict, tokens_BxL: jax.Array) -> jax.Array:
     """The training objective: mean next-token cross-entropy over every position but the last."""
-    logits_BxLxV = apply(config, params, tokens_BxL)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxLxV[:, :-1], tokens_BxL[:, 1:]).mean()
+    return token_losses(config, params, tokens_BxL).mean()
 
 
 def _boxed_shapes(config: OlmoConfig) -> dict:
