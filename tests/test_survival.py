@@ -191,7 +191,9 @@ def test_diverging_model_is_frozen_and_flagged(tmp_path):
 def test_report_reads_a_run_that_is_still_writing(tmp_path):
     from rareret.analysis import phase, report
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Long enough that a loaded machine still writes several reports while it trains.
+    proc = subprocess.Popen(command(workdir) + ["--gin_bindings=Sweep.num_steps = 8000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     reports, seen = 0, []
     try:
         while committed(workdir) < 2 and proc.poll() is None:
