@@ -4,7 +4,8 @@ On CPU, jaxlib runs eigh and QR through scipy's OpenBLAS/LAPACK. After each call
 worker threads busy-wait, and on a small machine they steal the cores XLA's own thread pool is
 training on: on 2 cores, the training chunk after a record (one batched eigh for the
 alignments) ran measurably slower than the others; with one BLAS thread the difference is
-gone. The LAPACK calls here are on matrices of at most D × D, so one thread costs nothing.
+gone. The LAPACK calls here are on matrices of at most D × D (a sweep's alignments, an LM
+probe's SVDs of [tokens, d_model]), so one thread costs nothing.
 """
 
 from __future__ import annotations

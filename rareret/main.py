@@ -19,6 +19,7 @@ from absl import app, flags, logging
 
 from rareret import host_malloc, processes
 from rareret.errors import ConfigError, one_line, require
+from rareret.grid_spec import Grid
 from rareret.lm import inject
 from rareret.lm.spec import LmTrain
 from rareret.lm.train import LmProgram
@@ -41,7 +42,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --
 flags.DEFINE_integer("num_processes", None, "number of processes, for --distributed.")
 flags.DEFINE_integer("process_id", None, "this process's index, for --distributed.")
 
-for spec_class in (TaskMixture, Sweep, Injection, LmTrain, inject.TaskSpec, MeshSpec):
+# Grid: read by rareret-grid (rareret/grid.py); a run parses its bindings and ignores them.
+for spec_class in (TaskMixture, Sweep, Injection, LmTrain, inject.TaskSpec, MeshSpec, Grid):
     gin.external_configurable(spec_class, name=spec_class.__name__)
 EXPERIMENTS = ("synthetic", "lm")
 

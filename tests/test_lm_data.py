@@ -121,6 +121,22 @@ def test_token_files_pack_per_file(tmp_path):
     assert sorted(int(r[0]) for r in rows) == [0, 4, 8, 100, 104]  # no row straddles two files.
 
 
+def test_memory_mapped_rows_are_read_from_the_file(tmp_path):
+    """Rows of memory-mapped streams (a header's offset, a view from element 5) are read with
+    pread at the right place, not through the mapping."""
+    np.save(tmp_path / "h.npy", np.arange(40, dtype=np.uint32))
+    raw = np.memmap(tmp_path / "r.bin", np.uint16, mode="w+", shape=(30,))
+    raw[:] = np.arange(100, 130)
+    raw.flush()
+    streams = [np.load(tmp_path / "h.npy", mmap_mode="r"),
+               np.memmap(tmp_path / "r.bin", np.uint16, mode="r")[5:]]
+    sequences = data._Sequences(streams, L)
+    assert [f is not None for f in sequences.files] == [True, True]
+    np.testing.assert_array_equal(sequences.rows(np.array([9, 0, 10, 15])),
+                                  [np.arange(36, 40), np.arange(4), np.arange(105, 109),
+                                   np.arange(125, 129)])
+
+
 # ----------------------------------------------------------------------------- order and resume
 
 def test_each_epoch_is_a_fresh_permutation():
@@ -266,5 +282,6 @@ def test_held_out_sequences_never_train():
     held = data.held_out_sequences(stream, L, 6)
     assert trained == set(range(34)) and _row_ids(held) == list(range(34, 40))
     assert data.held_out_sequences(stream, L, 0).shape == (0, L)
+    _config_error(lambda: data.held_out_sequences(stream, L, 41), "40 sequences", "41 asked")
     _config_error(lambda: make_dataset(_stream(10), L, 8, seed=0, held_out=4),
                   "packs into 10 sequences", "global_batch=8 + 4 held out")

@@ -65,3 +65,28 @@ def test_ablating_an_mlp_that_does_nothing_changes_nothing(setup):
     ablated = evaluation.label_loss_sum_without_mlp(config, silent, tokens, labels, weights, 1)
     assert float(ablated) == float(base)
 
+
+
+def test_accuracy_and_class_sums_come_from_one_pass(setup):
+    """The probe records' fused pass (`measurements._label_class_sums`) gives the accuracy sums
+    of `evaluation.label_sums` and, per class, the weighted sum of the residual at position 1."""
+    from rareret.lm import measurements
+
+    config, params, tokens, _ = setup
+    logits = lm_model.apply(config, params, tokens[:, :inject.LABEL_POS])[:, inject.LABEL_POS - 1]
+    tokens = np.asarray(tokens).copy()
+    tokens[::2, inject.LABEL_POS] = np.argmax(logits, -1)[::2]  # Half the rows answered right.
+    labels = jnp.asarray(tokens[:, inject.LABEL_POS])
+    weights = jnp.asarray([1] * 11 + [0], jnp.float32)
+    classes = np.random.default_rng(1).integers(0, measurements.NUM_CLASSES, len(tokens))
+    correct, count, sums = measurements._label_class_sums(config, params, jnp.asarray(tokens),
+                                                          jnp.asarray(classes), weights)
+    _, want_correct, want_count = evaluation.label_sums(config, params, jnp.asarray(tokens),
+                                                        labels, weights)
+    assert float(correct) == float(want_correct) >= 5 and float(count) == float(want_count)
+    hidden = np.stack(lm_model.apply_with_hidden(
+        config, params, jnp.asarray(tokens[:, :inject.LABEL_POS]))[1])[:, :, 1]
+    direct = np.zeros((hidden.shape[0], measurements.NUM_CLASSES, hidden.shape[2]))
+    for b, c in enumerate(classes):
+        direct[:, c] += float(weights[b]) * hidden[:, b]
+    np.testing.assert_allclose(sums, direct, rtol=1e-5, atol=1e-6)

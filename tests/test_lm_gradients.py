@@ -66,8 +66,9 @@ def setup():
 @pytest.fixture(scope="module")
 def measured(setup):
     s = setup
+    # task_rows=2: the two rows holding instances, gathered (`batch_part_gradients`).
     return gradients.lm_interference_jit(CONFIG, s["params"], s["tokens"], s["owner"],
-                                         s["instances"], TOP_K, 2)
+                                         s["instances"], TOP_K, 2, 8, 2)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +115,13 @@ def test_task_token_positions(setup):
         np.testing.assert_array_equal(owner[b], expected)
 
 
-def test_split_sums_to_full_gradient(setup, direct):
+@pytest.mark.parametrize("task_rows", [None, 2, 3])
+def test_split_sums_to_full_gradient(setup, direct, task_rows):
+    """Parts from all B rows (None) or from the rows holding task tokens gathered (2 of them;
+    3: one padding row) equal autodiff of each part's masked loss, and sum to g."""
     s = setup
-    parts, counts = jax.jit(gradients.batch_part_gradients, static_argnums=(0, 4))(
-        CONFIG, s["params"], s["tokens"], s["owner"], NUM_TASKS + 1)
+    parts, counts = jax.jit(gradients.batch_part_gradients, static_argnums=(0, 4, 5))(
+        CONFIG, s["params"], s["tokens"], s["owner"], NUM_TASKS, task_rows)
     np.testing.assert_array_equal(counts, direct["counts"])
     for name in ("up_gate", "down"):
         # Each part equals autodiff of its masked sum / B·(L−1) ...
@@ -137,6 +141,15 @@ def test_split_sums_to_full_gradient(setup, direct):
     masked, full = losses(s["params"], s["tokens"], weights.astype(np.float32))
     np.testing.assert_allclose(masked[0], full, rtol=1e-6)
     np.testing.assert_allclose(masked[1:].sum(), full, rtol=1e-6)
+
+
+def test_too_few_task_rows_give_nan(setup):
+    """One gathered row cannot hold the two injected rows: every part is NaN, never a silently
+    partial task gradient."""
+    s = setup
+    parts, _ = jax.jit(gradients.batch_part_gradients, static_argnums=(0, 4, 5))(
+        CONFIG, s["params"], s["tokens"], s["owner"], NUM_TASKS, 1)
+    assert all(np.isnan(np.asarray(x)).all() for x in jax.tree.leaves(parts))
 
 
 def test_reference_gradient_matches_autodiff(setup, direct):

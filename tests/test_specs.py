@@ -10,6 +10,7 @@ from rareret.synthetic.spec import TaskMixture
 NO_JAX = """
 import json, sys
 from rareret.analysis import phase, report, retention
+from rareret.analysis import analyze, dataset, open_run  # xarray, no JAX
 from rareret.lm.spec import LmTrain
 from rareret.mesh_spec import MeshSpec
 from rareret.synthetic import spec, theory

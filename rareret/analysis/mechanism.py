@@ -26,11 +26,13 @@ def rare_task(run: phase.SyntheticRun) -> int:
 
 
 def representative_models(run: phase.SyntheticRun, gap: int | None = None) -> dict[int, int]:
-    """width → index of its first model (first seed and rate) on stream `gap`."""
+    """width → index of its first model (first seed and rate) on stream `gap`, on the base
+    lever (`phase.base_lever`)."""
     m = run.metrics
     widths_M, gaps_M = m.read("width"), m.read("gap")
     gap = gaps_M.max() if gap is None else gap
-    return {int(w): int(np.flatnonzero((widths_M == w) & (gaps_M == gap))[0])
+    base_M = phase.base_lever(run)[0]
+    return {int(w): int(np.flatnonzero((widths_M == w) & (gaps_M == gap) & base_M)[0])
             for w in sorted(run.sweep.widths)}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable
 
 import matplotlib
 
@@ -24,24 +25,31 @@ from rareret.analysis import lm_report, mechanism, phase  # noqa: E402
 from rareret.errors import ConfigError, one_line, require  # noqa: E402
 
 
+def draw_phase_diagram(ax, comp: phase.PhaseComparison, title: str):
+    """Draws one phase diagram (observed normalised loss, width × task, with the staircase
+    N*_k(1)) into `ax`; returns the image, for a colorbar."""
+    num_tasks = comp.observed_WxK.shape[1]
+    image = ax.imshow(comp.observed_WxK, origin="lower", aspect="auto", cmap="magma_r",
+                      vmin=0, vmax=1, extent=(0.5, num_tasks + 0.5, -0.5, len(comp.widths) - 0.5))
+    # Boundary row: the first grid width at or above the predicted critical width.
+    rows = np.array([np.searchsorted(comp.widths, n) for n in comp.staircase_K]) - 0.5
+    ax.step(np.arange(0.5, num_tasks + 1.5), np.append(rows, rows[-1]), where="post",
+            color="cyan", lw=2, label="Theorem 3: N*_k(1)")
+    ax.set_yticks(range(len(comp.widths)), [str(w) for w in comp.widths])
+    ax.set_xticks(range(1, num_tasks + 1, max(1, num_tasks // 16)))
+    ax.set_xlabel("task k (rarer →)")
+    ax.set_ylabel("width N")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    return image
+
+
 def plot_phase_diagram(comparisons: dict[float, phase.PhaseComparison], path: str) -> None:
     """Observed normalised loss (width × task) per learning rate, staircase N*_k(1) overlaid."""
     fig, axes = plt.subplots(1, len(comparisons), squeeze=False,
                              figsize=(1 + 5.5 * len(comparisons), 4.2))
     for ax, (rate, comp) in zip(axes[0], comparisons.items()):
-        num_tasks = comp.observed_WxK.shape[1]
-        image = ax.imshow(comp.observed_WxK, origin="lower", aspect="auto", cmap="magma_r",
-                          vmin=0, vmax=1, extent=(0.5, num_tasks + 0.5, -0.5, len(comp.widths) - 0.5))
-        # Boundary row: the first grid width at or above the predicted critical width.
-        rows = np.array([np.searchsorted(comp.widths, n) for n in comp.staircase_K]) - 0.5
-        ax.step(np.arange(0.5, num_tasks + 1.5), np.append(rows, rows[-1]), where="post",
-                color="cyan", lw=2, label="Theorem 3: N*_k(1)")
-        ax.set_yticks(range(len(comp.widths)), [str(w) for w in comp.widths])
-        ax.set_xticks(range(1, num_tasks + 1, max(1, num_tasks // 16)))
-        ax.set_xlabel("task k (rarer →)")
-        ax.set_ylabel("width N")
-        ax.set_title(f"final normalised loss, lr={rate:g}")
-        ax.legend(loc="upper right", fontsize=8)
+        image = draw_phase_diagram(ax, comp, f"final normalised loss, lr={rate:g}")
         fig.colorbar(image, ax=ax, label="ℓ_k / Tr C_k")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -60,8 +68,9 @@ def plot_curves(run: phase.SyntheticRun, path: str) -> None:
     fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(3.6 * cols, 2.8 * rows),
                              sharex=True, sharey=True)
     colors = plt.cm.viridis(np.linspace(0, 1, run.mixture.num_tasks))
+    base_M = phase.base_lever(run)[0]
     for ax, (i, width) in zip(axes.flat, enumerate(widths)):
-        m = int(np.flatnonzero(widths_M == width)[0])
+        m = int(np.flatnonzero((widths_M == width) & base_M)[0])
         for k in range(run.mixture.num_tasks):
             ax.plot(steps, loss_RxMxK[:, m, k], color=colors[k], lw=1)
             ax.axhline(predicted_WxK[i, k], color=colors[k], lw=0.6, ls=":")
@@ -122,7 +131,10 @@ def markdown(run: phase.SyntheticRun, comparisons: dict[float, phase.PhaseCompar
         f"batch {run.sweep.batch_size}, records {run.metrics.committed_records} "
         f"(last step {int(steps[-1])} of {run.sweep.num_steps})",
         "- learned: normalised loss ≤ 1 − λ_k1/(2 Tr C_k); observed critical width = smallest "
-        "grid width from which every wider model learned the task (0 = none).", "",
+        "grid width from which every wider model learned the task (0 = none).",
+        *([f"- levers: the phase comparison, curves and mechanism plots use the base lever "
+           f"only ({phase.base_lever(run)[1]}); `rareret.analysis.levers` compares the levers"]
+          if phase.base_lever(run)[1] else []), "",
         *diverged_lines(run),
         "![phase diagram](phase_diagram.png)", "", "![curves](curves.png)", ""]
     for rate, comp in comparisons.items():
@@ -174,18 +186,21 @@ def write_synthetic_report(workdir: str) -> str:
     return path
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        raise app.UsageError("usage: rareret-report WORKDIR")
-    try:
-        print(write_report(argv[1]))
-    except ConfigError as e:
-        print(f"rareret-report: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+def workdir_command(prog: str, write: Callable[[str], str]) -> Callable[[], None]:
+    """The entry point of `prog WORKDIR`: prints write(WORKDIR), a bad workdir one line."""
+    def main(argv: list[str]) -> None:
+        if len(argv) != 2:
+            raise app.UsageError(f"usage: {prog} WORKDIR")
+        try:
+            print(write(argv[1]))
+        except ConfigError as e:
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+
+    return lambda: app.run(main)
 
 
-def run_main() -> None:
-    app.run(main)
+run_main = workdir_command("rareret-report", write_report)
 
 
 if __name__ == "__main__":

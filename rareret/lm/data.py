@@ -7,16 +7,20 @@ Sources:
   * Dolma shards: JSON lines (`id`, `text`, optional `source`; other fields ignored) in `.json`,
     `.jsonl`, optionally gzip (`.gz`) or zstd (`.zst`) compressed. `TokenCorpus.from_documents`
     tokenises them all up front into one token stream, each document followed by EOS.
-  * OLMo-style token files: 1-D uint16/uint32 `.npy` arrays, memory-mapped, documents already
-    separated by EOS (`TokenCorpus.from_token_files`).
+  * Token files, memory-mapped and never read whole, documents already separated by EOS
+    (`TokenCorpus.from_token_files`): OLMo's raw headerless uint16/uint32 arrays (`.npy` or
+    `.bin`; dtype from `token_dtype`), `.npy` arrays with a header, or a folder that
+    `rareret-tokenize` wrote (`metadata.json`: dtype, vocabulary, EOS, a held-out split).
 
-Packing: each token stream is cut into len // L sequences of exactly L tokens (no padding, the
-tail dropped); sequences never straddle two streams (files).
+Packing, as OLMo cuts its instances: each token stream (file) is cut into len // L consecutive
+sequences of exactly L tokens (no padding, the tail dropped); sequence indices run over the files
+in order, so sequences never straddle two files.
 
-Order, a pure function of (seed, step): sequence indices are shuffled per epoch (grain's
-`shuffle`, which reseeds every epoch) and repeated forever; step t takes positions [t·B, (t+1)·B)
-of that stream, and process p takes rows [p·b, (p+1)·b) of it, so the processes' local batches
-concatenate to the single-process batch. `make_dataset(...)[t]` is the batch of step t;
+Order: sequence indices are shuffled per epoch (grain's `shuffle`, which reseeds every epoch,
+a pure function of (seed, step)) and repeated forever, or given (`order`, e.g. OLMo's global
+indices file, `load_global_indices`); step t takes positions [t·B, (t+1)·B) of that stream, and
+process p takes rows [p·b, (p+1)·b) of it, reading only those rows, so the processes' local
+batches concatenate to the single-process batch. `make_dataset(...)[t]` is the batch of step t;
 `make_iterator` wraps it in an iterator whose `get_state()/set_state()` (or orbax's
 `grain.checkpoint.CheckpointSave/CheckpointRestore`) resume exactly.
 """
@@ -25,9 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import io
 import itertools
 import json
+import mmap
 import os
 import zlib
 from pathlib import Path
@@ -42,10 +48,14 @@ from rareret.errors import ConfigError, is_int, one_line, require, require_proce
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".json.zst", ".jsonl.zst")
-TOKEN_SUFFIXES = (".npy",)
+TOKEN_SUFFIXES = (".npy", ".bin")
+TOKEN_DTYPES = ("uint16", "uint32")
+METADATA_FILE = "metadata.json"  # In a folder rareret-tokenize wrote.
+METADATA_FORMAT = "rareret-tokens/1"
 _DECODE_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, UnicodeDecodeError)
 _ENCODE_CHUNK = 1024  # documents per `encode_batch_fast` call.
-_SCAN_CHUNK = 1 << 24  # tokens per chunk when validating a token file.
+_SCAN_CHUNK = 1 << 22  # elements per read when validating a file (bounded memory).
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 class Document(NamedTuple):
@@ -92,8 +102,8 @@ def _parse(path: Path, lineno: int, line: str) -> Document:
     return Document(str(record.get("id", f"{path.name}:{lineno}")), text, source)
 
 
-def read_shard(path: str | os.PathLike) -> Iterator[Document]:
-    """The documents of one Dolma shard, in file order (blank lines skipped)."""
+def shard_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, line) of every non-blank line of one Dolma shard, unparsed."""
     path = Path(path)
     require(path.is_file() and path.name.endswith(TEXT_SUFFIXES),
             f"{path}: no such {'/'.join(TEXT_SUFFIXES)} file")
@@ -103,10 +113,21 @@ def read_shard(path: str | os.PathLike) -> Iterator[Document]:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     count += 1
-                    yield _parse(path, lineno, line)
+                    yield lineno, line
     except _DECODE_ERRORS as e:
         raise ConfigError(f"{path}:{lineno + 1}: unreadable ({one_line(e)})") from None
     require(count > 0, f"{path}: empty shard (no documents)")
+
+
+def parse_line(path: str | os.PathLike, lineno: int, line: str) -> Document:
+    """The document on line `lineno` of shard `path`; ConfigError naming both if it is bad."""
+    return _parse(Path(path), lineno, line)
+
+
+def read_shard(path: str | os.PathLike) -> Iterator[Document]:
+    """The documents of one Dolma shard, in file order (blank lines skipped)."""
+    for lineno, line in shard_lines(path):
+        yield _parse(Path(path), lineno, line)
 
 
 def read_documents(path: str | os.PathLike) -> Iterator[Document]:
@@ -192,59 +213,173 @@ def tokenize(texts: Iterable[str], tokenizer: tokenizers.Tokenizer) -> np.ndarra
     return np.concatenate(pieces)
 
 
+def check_documents(path: str | os.PathLike, tokenizer: tokenizers.Tokenizer | None = None,
+                    min_tokens: int = 0) -> np.ndarray:
+    """Parses every document under `path` (streaming; ConfigError on the first bad one) and,
+    with a tokenizer, tokenises only the first documents, up to `min_tokens` tokens: returns
+    those tokens (all of the corpus's if it has fewer), to check its size cheaply."""
+    pieces, count = [], 0
+    for doc in read_documents(path):
+        if tokenizer is not None and count < min_tokens:
+            pieces.append(tokenizer.encode(doc.text, add_special_tokens=False).ids
+                          + [tokenizer.token_to_id(EOS)])
+            count += len(pieces[-1])
+    return np.fromiter(itertools.chain.from_iterable(pieces), np.int64, count)
+
+
 # ----------------------------------------------------------------------------- token files
 
-def _first_at_least(tokens: np.ndarray, bound: int) -> int | None:
-    """Position of the first token >= bound, scanning in chunks (memory-mapped files)."""
-    for start in range(0, len(tokens), _SCAN_CHUNK):
-        bad = np.flatnonzero(tokens[start:start + _SCAN_CHUNK] >= bound)
-        if len(bad):
-            return start + int(bad[0])
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first_bad(array: np.memmap, bad) -> int | None:
+    """Position of the first element of a memory-mapped `array` with `bad(chunk)` true, read
+    through a fixed buffer (not the mapping: the file's pages never join this process's RSS)."""
+    with open(array.filename, "rb") as f:
+        f.seek(array.offset)
+        for start in range(0, len(array), _SCAN_CHUNK):
+            found = np.flatnonzero(bad(np.fromfile(f, array.dtype, _SCAN_CHUNK)))
+            if len(found):
+                return start + int(found[0])
     return None
 
 
-def load_token_file(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
-    """A memory-mapped 1-D uint16/uint32 `.npy` token file, every id checked to be < vocab_size."""
+def _has_npy_header(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+
+
+def _map_file(path: Path, dtype: str | None, what: str, dtypes: Sequence[str]) -> np.memmap:
+    """A 1-D memory map of `path`: a `.npy` array (its header gives the dtype), else raw `dtype`
+    elements, OLMo's format (`dtype` None: refused)."""
+    require(path.is_file(), f"{path}: no such {what}")
+    if _has_npy_header(path):
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a .npy array ({one_line(e)})") from None
+    else:
+        require(dtype is not None, f"{path}: a raw {what} (no .npy header) needs its dtype, "
+                                   f"one of {'/'.join(dtypes)}")
+        require(dtype in dtypes, f"{path}: dtype {dtype!r} is not one of {'/'.join(dtypes)}")
+        size, itemsize = path.stat().st_size, np.dtype(dtype).itemsize
+        require(size % itemsize == 0, f"{path}: size {size} bytes is not a multiple of "
+                                      f"{dtype}'s {itemsize} bytes")
+        require(size > 0, f"{path}: empty {what}")
+        array = np.memmap(path, dtype, mode="r")
+    require(array.ndim == 1 and array.dtype.name in dtypes and len(array) > 0,
+            f"{path}: expected a non-empty 1-D {'/'.join(dtypes)} array, got {array.dtype} "
+            f"{array.shape}")
+    return array
+
+
+def load_token_file(path: str | os.PathLike, vocab_size: int, dtype: str | None = None,
+                    check: bool = True) -> np.memmap:
+    """A memory-mapped token file: `.npy`, or raw `dtype` (uint16/uint32) tokens as OLMo ships
+    them; with `check`, every id is read once (in chunks) and must be < vocab_size."""
     path = Path(path)
-    require(path.is_file(), f"{path}: no such token file")
-    try:
-        tokens = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a .npy array ({one_line(e)})") from None
-    require(tokens.ndim == 1 and tokens.dtype in (np.uint16, np.uint32) and len(tokens) > 0,
-            f"{path}: expected a non-empty 1-D uint16/uint32 array, got {tokens.dtype} "
-            f"{tokens.shape}")
-    bad = _first_at_least(tokens, vocab_size)
+    tokens = _map_file(path, dtype, "token file", TOKEN_DTYPES)
+    bad = _first_bad(tokens, lambda chunk: chunk >= vocab_size) if check else None
     if bad is not None:
         raise ConfigError(f"{path}: token id {tokens[bad]} at position {bad} is >= vocab size "
                           f"{vocab_size}")
     return tokens
 
 
+def load_global_indices(path: str | os.PathLike, num_sequences: int) -> np.memmap:
+    """OLMo's global batch order: a 1-D array of sequence indices (raw uint32, as OLMo writes
+    it, or a `.npy` of uint32/uint64/int64), every entry checked to be < num_sequences."""
+    path = Path(path)
+    order = _map_file(path, "uint32", "global-indices file", ("uint32", "uint64", "int64"))
+    bad = _first_bad(order, lambda chunk: (chunk < 0) | (chunk >= num_sequences))
+    if bad is not None:
+        raise ConfigError(f"{path}: entry {order[bad]} at position {bad} is past the end of "
+                          f"the {num_sequences} training sequences")
+    return order
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """The metadata.json of a folder `rareret-tokenize` wrote, checked against its files."""
+    path = Path(directory) / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({one_line(e)})") from None
+    require(isinstance(meta, dict) and meta.get("format") == METADATA_FORMAT,
+            f"{path}: not a {METADATA_FORMAT} metadata file")
+    try:
+        vocab, eos, dtype = int(meta["vocab_size"]), int(meta["eos_id"]), meta["dtype"]
+        splits = {split: [(f["path"], int(f["tokens"])) for f in meta["files"][split]]
+                  for split in ("train", "val")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: missing or bad field ({one_line(e)})") from None
+    require(dtype in TOKEN_DTYPES and 0 <= eos < vocab,
+            f"{path}: dtype={dtype!r}, eos_id={eos}, vocab_size={vocab} are inconsistent")
+    itemsize = np.dtype(dtype).itemsize
+    for name, count in splits["train"] + splits["val"]:
+        file = Path(directory) / name
+        size = file.stat().st_size if file.is_file() else None
+        require(size == count * itemsize, f"{file}: expected {count} {dtype} tokens "
+                                          f"({count * itemsize} bytes), found {size} bytes")
+    return meta
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenCorpus:
-    """Token streams (one per source file, documents EOS-separated) and their vocabulary."""
+    """Token streams (one per source file, documents EOS-separated), their vocabulary, and the
+    streams of a held-out split, if the data has one."""
     tokens: tuple[np.ndarray, ...]
     vocab_size: int
     eos_id: int
+    held_out: tuple[np.ndarray, ...] = ()
 
     @classmethod
     def from_documents(cls, documents: Iterable[Document],
                        tokenizer: tokenizers.Tokenizer) -> TokenCorpus:
-        """Tokenises documents (e.g. `read_documents(path)`) into one stream."""
+        """Tokenises documents (e.g. `read_documents(path)`) into one stream, in memory."""
         stream = tokenize((doc.text for doc in documents), tokenizer)
         return cls((stream,), tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
 
     @classmethod
-    def from_token_files(cls, path: str | os.PathLike, vocab_size: int,
-                         eos_id: int) -> TokenCorpus:
-        """Memory-maps a `.npy` token file, or every one under a directory in sorted order."""
+    def from_token_files(cls, path: str | os.PathLike, vocab_size: int, eos_id: int,
+                         dtype: str | None = None,
+                         tokenizer: str | os.PathLike | None = None) -> TokenCorpus:
+        """Memory-maps a token file, every one under a directory in sorted order, or the
+        folder `rareret-tokenize` wrote (its metadata gives vocabulary, EOS and dtype; a
+        `tokenizer` file must be the one it records)."""
+        if os.path.isfile(os.path.join(path, METADATA_FILE)):
+            return cls.from_tokenized(path, tokenizer)
         require(is_int(vocab_size) and vocab_size > 0 and is_int(eos_id)
                 and 0 <= eos_id < vocab_size,
                 f"TokenCorpus: need 0 <= eos_id < vocab_size, got eos_id={eos_id!r}, "
                 f"vocab_size={vocab_size!r}")
         files = shard_paths(path, TOKEN_SUFFIXES)
-        return cls(tuple(load_token_file(f, vocab_size) for f in files), vocab_size, eos_id)
+        return cls(tuple(load_token_file(f, vocab_size, dtype) for f in files), vocab_size,
+                   eos_id)
+
+    @classmethod
+    def from_tokenized(cls, directory: str | os.PathLike,
+                       tokenizer: str | os.PathLike | None = None) -> TokenCorpus:
+        """The train and held-out streams of a folder `rareret-tokenize` wrote. Its tokens are
+        not scanned: the tokenizer wrote them, and the sizes match the metadata."""
+        meta = read_metadata(directory)
+        if tokenizer is not None:
+            digest = file_sha256(tokenizer)
+            require(digest == meta.get("tokenizer_sha256"),
+                    f"{Path(directory) / METADATA_FILE}: tokenizer_sha256 "
+                    f"{str(meta.get('tokenizer_sha256'))[:12]}… is not that of {tokenizer} "
+                    f"({digest[:12]}…)")
+        dtype = meta["dtype"]
+        split = {name: tuple(np.memmap(Path(directory) / f["path"], dtype, mode="r")
+                             for f in meta["files"][name] if f["tokens"])
+                 for name in ("train", "val")}
+        require(split["train"], f"{Path(directory) / METADATA_FILE}: no training tokens")
+        return cls(split["train"], int(meta["vocab_size"]), int(meta["eos_id"]), split["val"])
 
     @property
     def num_tokens(self) -> int:
@@ -253,24 +388,54 @@ class TokenCorpus:
 
 # ----------------------------------------------------------------------------- packed batches
 
+def _file_position(stream: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte position of element 0) of a contiguous memory-mapped stream, else None."""
+    mapping = getattr(stream, "_mmap", None)  # np.memmap's mmap, shared by its views.
+    if not isinstance(stream, np.memmap) or mapping is None or stream.filename is None \
+            or stream.strides != (stream.itemsize,):
+        return None
+    mapped_from = stream.offset - stream.offset % mmap.ALLOCATIONGRANULARITY
+    base = np.frombuffer(mapping, np.uint8).__array_interface__["data"][0]
+    return stream.filename, mapped_from + stream.__array_interface__["data"][0] - base
+
+
 class _Sequences:
     """The packed sequences [sequences, L] of token streams; a stream's tail (< L tokens) is
-    dropped."""
+    dropped. Rows of memory-mapped files are read with `os.pread`, only those asked for: read
+    through the mapping, each would map a whole page-cache folio (up to MBs) into this process,
+    and a long run's RSS would grow towards the corpus size."""
 
     def __init__(self, tokens: np.ndarray | Sequence[np.ndarray], seq_len: int):
         streams = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
         require(streams and all(s.ndim == 1 for s in streams),
                 "make_dataset: tokens must be a 1-D array or a non-empty sequence of them")
+        self.seq_len = seq_len
         self.blocks = [s[: len(s) // seq_len * seq_len].reshape(-1, seq_len) for s in streams]
         self.starts = np.cumsum([0] + [len(b) for b in self.blocks])
+        self.files = [_file_position(s) for s in streams]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def rows(self, index_b: np.ndarray) -> np.ndarray:
         block_b = np.searchsorted(self.starts, index_b, side="right") - 1
-        return np.stack([self.blocks[k][i - self.starts[k]]
-                         for k, i in zip(block_b, index_b)]).astype(np.int32)
+        rows_bxL = np.empty((len(index_b), self.seq_len), np.int32)
+        descriptors = {}
+        try:
+            for r, (k, i) in enumerate(zip(block_b, index_b)):
+                block, row = self.blocks[k], i - self.starts[k]
+                if self.files[k] is None:
+                    rows_bxL[r] = block[row]
+                    continue
+                if k not in descriptors:
+                    descriptors[k] = os.open(self.files[k][0], os.O_RDONLY)
+                size = block.itemsize * self.seq_len
+                raw = os.pread(descriptors[k], size, self.files[k][1] + int(row) * size)
+                rows_bxL[r] = np.frombuffer(raw, block.dtype)
+        finally:
+            for descriptor in descriptors.values():
+                os.close(descriptor)
+        return rows_bxL
 
 
 class _LocalBatch(grain.transforms.Map):
@@ -283,19 +448,38 @@ class _LocalBatch(grain.transforms.Map):
         return self.sequences.rows(index_B[self.start:self.stop])
 
 
+class _GivenOrder(grain.transforms.Map):
+    """Step t → this process's sequence indices, from positions [t·B, (t+1)·B) of `order`."""
+
+    def __init__(self, order: np.ndarray, global_batch: int, start: int, stop: int):
+        self.order, self.global_batch, self.start, self.stop = order, global_batch, start, stop
+
+    def map(self, step: int) -> np.ndarray:
+        first = step * self.global_batch
+        return np.asarray(self.order[first + self.start:first + self.stop], np.int64)
+
+
 def _grain_seed(seed: int) -> int:
     """Hashes the user seed: grain reseeds epoch e with seed + e, so unhashed, seed 1's first epoch
     would be seed 0's second."""
     return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
+def num_sequences(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int) -> int:
+    """How many sequences of `seq_len` the streams pack into."""
+    return len(_Sequences(tokens, seq_len))
+
+
 def make_dataset(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int, global_batch: int,
                  seed: int, process_index: int = 0, process_count: int = 1,
-                 held_out: int = 0) -> grain.MapDataset:
+                 held_out: int = 0, order: np.ndarray | None = None) -> grain.MapDataset:
     """Element t = this process's batch of step t, int32 [global_batch / process_count, seq_len].
 
     `tokens`: a 1-D token stream or a sequence of them (e.g. `TokenCorpus.tokens`). The last
     `held_out` packed sequences never enter training (`held_out_sequences` returns them).
+    `order`: sequence indices, each < the training sequences (`load_global_indices` checks a
+    file's); step t trains on order[t·B:(t+1)·B], and the dataset ends with the order's last
+    whole batch. None: the seeded shuffle, repeated forever.
     """
     for name, value, low in (("seq_len", seq_len, 1), ("global_batch", global_batch, 1),
                              ("seed", seed, 0)):
@@ -307,16 +491,27 @@ def make_dataset(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int, global
             f"make_dataset: the corpus packs into {len(sequences)} sequences of {seq_len} tokens, "
             f"fewer than global_batch={global_batch} + {held_out} held out")
     local = global_batch // process_count
-    order = grain.MapDataset.range(len(sequences) - held_out).shuffle(
+    start, stop = process_index * local, (process_index + 1) * local
+    if order is not None:
+        require(order.ndim == 1 and len(order) >= global_batch,
+                f"make_dataset: the order holds {len(order)} indices, fewer than "
+                f"global_batch={global_batch}")
+        steps = grain.MapDataset.range(len(order) // global_batch)
+        return steps.map(_GivenOrder(order, global_batch, start, stop)).map(
+            _LocalBatch(sequences, 0, local))
+    shuffled = grain.MapDataset.range(len(sequences) - held_out).shuffle(
         seed=_grain_seed(seed)).repeat()
-    batches = order.batch(global_batch, drop_remainder=True)
-    return batches.map(_LocalBatch(sequences, process_index * local, (process_index + 1) * local))
+    batches = shuffled.batch(global_batch, drop_remainder=True)
+    return batches.map(_LocalBatch(sequences, start, stop))
 
 
 def held_out_sequences(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int,
                        count: int) -> np.ndarray:
     """The last `count` packed sequences, int32 [count, seq_len]: the held-out text."""
     sequences = _Sequences(tokens, seq_len)
+    require(count <= len(sequences), f"held_out_sequences: the held-out text packs into "
+                                     f"{len(sequences)} sequences of {seq_len} tokens, fewer "
+                                     f"than the {count} asked for")
     if count == 0:
         return np.zeros((0, seq_len), np.int32)
     return sequences.rows(np.arange(len(sequences) - count, len(sequences), dtype=np.int64))

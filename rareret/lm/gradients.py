@@ -33,17 +33,21 @@ What is measured, for injected tasks k = 1..K at one training step (params θ, t
   instance in the batch). Gram, cosine and norms come from `rareret.interference.gram_stats`
   (cosines with a zero vector are NaN).
 
-Reuse of `rareret.interference`: the batch's per-position losses are the "examples" and each
-loss position's owner (task k, or K for text) its "task", so `interference.task_gradients`
-linearises the forward pass once and gives every part's mean-loss gradient from one backward
-pass each; `batch_part_gradients` rescales them to the shared normaliser B·(L−1).
+Reuse of `rareret.interference`: the per-position losses of the rows holding task tokens are
+the "examples" and each loss position's owner (task k, or K for text) its "task", so
+`interference.task_gradients` linearises their forward pass once and gives every task part's
+mean-loss gradient from one backward pass each; `batch_part_gradients` rescales them to the
+shared normaliser B·(L−1), and the text part is g minus the task parts.
 
-Cost: one forward + (K+1) backward passes over the batch, and per task one forward + backward
-over its train instances (inputs TOK1 TOK2 only: the logits of LABEL at position 1 depend on
-nothing later), `chunks` instances-chunks at a time so the logits [instances / chunks, 2, V] fit.
+Cost: one forward + backward pass over the batch (g), one forward + K backward passes over the
+rows holding task tokens (`task_rows` of them, typically a few), and per task one forward +
+backward over its train instances (inputs TOK1 TOK2 only: the logits of LABEL at position 1
+depend on nothing later), `chunks` instances-chunks at a time so the logits
+[instances / chunks, 2, V] fit.
 
 All functions are pure and jittable with `config` (and the sizes `top_k`, `num_tasks`, `chunks`,
-`task_chunk`) static; only the first-layer MLP's gradients are ever held, never all parameters'.
+`task_chunk`, `task_rows`) static; only the first-layer MLP's gradients are ever held, never all
+parameters'.
 
 Shapes: see docs/method.md "Shape letters": B batch, L sequence length, V vocabulary, D d_model,
 F MLP hidden width, K tasks, I instance length (3 or 4), P flattened restricted parameters.
@@ -199,24 +203,42 @@ def reference_gradients(config, params, task_instances: jax.Array, chunks: int =
 
 
 def batch_part_gradients(config, params, tokens_BxL: jax.Array, owner: jax.Array,
-                         num_parts: int, task_chunk: int = 8) -> tuple[dict, jax.Array]:
-    """(sum-normalised part gradients, [num_parts] position counts) of the first-layer MLP.
+                         num_tasks: int, task_rows: int | None = None,
+                         task_chunk: int = 8) -> tuple[dict, jax.Array]:
+    """(sum-normalised part gradients, [K+1] position counts) of the first-layer MLP.
 
-    owner: [B, L−1] int, each loss position's part in [0, num_parts). Part j's gradient is that
-    of Σ_{owner = j} ℓ / (B·(L−1)), so the parts sum to the gradient of the train step's mean
-    loss. Leaves lead with [num_parts]. (Multiply part j by B·(L−1) / count_j for the gradient
-    of part j's own mean loss.)
+    owner: [B, L−1] int, each loss position's task k < K, or K for text (`loss_owner`). Part j's
+    gradient is that of Σ_{owner = j} ℓ / (B·(L−1)), so the parts sum to the gradient g of the
+    train step's mean loss; leaves lead with [K+1]. (Multiply part j by B·(L−1) / count_j for the
+    gradient of part j's own mean loss.)
+
+    Cost: one backward pass over the batch for g, and the tasks' parts from the rows holding
+    task tokens only (rows are independent sequences, so their gradients are exact), gathered
+    into `task_rows` rows (static; None: all B) and split by `rareret.interference.
+    task_gradients`; the text part is g − Σ_k part_k. With fewer `task_rows` than rows holding
+    task tokens, every part is NaN.
     """
     group, n = mlp_group(params), loss_normaliser(tokens_BxL)
-    owner_flat = owner.reshape(-1)
+    counts = jnp.bincount(owner.reshape(-1), length=num_tasks + 1)
+    full = jax.grad(lambda g: masked_loss(config, with_mlp_group(params, g), tokens_BxL,
+                                          jnp.ones(owner.shape, jnp.float32)))(group)
+    rows = tokens_BxL.shape[0] if task_rows is None else task_rows
+    held = jnp.nonzero(jnp.any(owner < num_tasks, axis=1), size=rows,
+                       fill_value=tokens_BxL.shape[0])[0]  # Padding rows: out of range.
+    sub_tokens = jnp.take(tokens_BxL, held, axis=0, mode="fill", fill_value=0)
+    sub_owner = jnp.take(owner, held, axis=0, mode="fill", fill_value=num_tasks).reshape(-1)
 
     def example_losses(g):
-        return lm_model.token_losses(config, with_mlp_group(params, g), tokens_BxL).reshape(-1)
+        return lm_model.token_losses(config, with_mlp_group(params, g), sub_tokens).reshape(-1)
 
-    means = interference.task_gradients(example_losses, group, owner_flat, num_parts, task_chunk)
-    counts = jnp.bincount(owner_flat, length=num_parts)
-    scale = counts.astype(jnp.float32) / n
-    return jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), means), counts
+    # Text positions (owner K) fall outside task_gradients' K tasks: weight 0.
+    means = interference.task_gradients(example_losses, group, sub_owner, num_tasks, task_chunk)
+    complete = jnp.all(jnp.bincount(sub_owner, length=num_tasks + 1)[:num_tasks]
+                       == counts[:num_tasks])
+    scale = jnp.where(complete, counts[:num_tasks].astype(jnp.float32) / n, jnp.nan)
+    tasks = jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), means)
+    text = jax.tree.map(lambda f, t: f - jnp.sum(t, axis=0), full, tasks)
+    return jax.tree.map(lambda t, x: jnp.concatenate([t, x[None]]), tasks, text), counts
 
 
 def take(tree, k):
@@ -226,7 +248,7 @@ def take(tree, k):
 
 def split_gradients(parts: dict, k) -> tuple[dict, dict, dict]:
     """(g, g_t, g_nt) for task k from `batch_part_gradients`: the sum of all parts, part k, and
-    the sum of the parts other than k (summed, not g − g_t, so nothing cancels)."""
+    the sum of the parts other than k."""
     others = lambda x: jnp.sum(jnp.where(  # noqa: E731
         (jnp.arange(x.shape[0]) != k).reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), axis=0)
     return (jax.tree.map(lambda x: jnp.sum(x, axis=0), parts), take(parts, k),
@@ -276,19 +298,20 @@ def task_interference(grads: dict, keep_F: jax.Array) -> interference.Interferen
 
 def lm_interference(config, params, tokens_BxL: jax.Array, owner: jax.Array,
                     task_instances: jax.Array, top_k: int = DEFAULT_TOP_K, chunks: int = 1,
-                    task_chunk: int = 8) -> LmInterference:
+                    task_chunk: int = 8, task_rows: int | None = None) -> LmInterference:
     """Everything recorded at one step (module docstring).
 
     tokens_BxL: the step's batch, instances injected; owner: `loss_owner` [B, L−1];
     task_instances: [K, instances, I], each task's train instances (g_r); top_k: neurons per
     task (clipped to F); chunks, task_chunk: memory knobs of `reference_gradients` and
-    `rareret.interference.task_gradients`.
+    `rareret.interference.task_gradients`; task_rows: at least the batch rows holding task
+    tokens (`batch_part_gradients`; None: B).
     """
     num_tasks = task_instances.shape[0]
     top_k = top_k_for(config, top_k)
     refs = reference_gradients(config, params, task_instances, chunks)
-    parts, counts = batch_part_gradients(config, params, tokens_BxL, owner, num_tasks + 1,
-                                         task_chunk)
+    parts, counts = batch_part_gradients(config, params, tokens_BxL, owner, num_tasks,
+                                         task_rows, task_chunk)
     neurons = jax.vmap(lambda g_r: top_neurons(g_r, top_k))(refs)
 
     def one_task(k):
@@ -321,7 +344,7 @@ def grad_cosines(config, params, tokens_BxL: jax.Array, task_mask, instances: ja
                            top_k).grad_cosine[0]
 
 
-lm_interference_jit = jax.jit(lm_interference, static_argnums=(0, 5, 6, 7))
+lm_interference_jit = jax.jit(lm_interference, static_argnums=(0, 5, 6, 7, 8))
 
 
 # ----------------------------------------------------------------------------- host side

@@ -1,7 +1,7 @@
 """Everything an LM record measures (docs/method.md §6.8): behaviour, representations, where the
 task lives, and gradients. `LmMeasurements` holds the compiled pieces and the instance sets; the
-program calls `behaviour` at every record, `representations` at probe steps and `gradients` at
-interference steps, each returning rows for the record arrays of `record_specs`.
+program calls `behaviour` at every record (with the representations at probe steps) and
+`gradients` at interference steps, each returning rows for the record arrays of `record_specs`.
 
 What is read, and where (layers: 0 = the embedded tokens, ℓ = the output of block ℓ − 1, i.e.
 after ℓ blocks; blocks: 0 … n_layers − 1):
@@ -136,9 +136,10 @@ class LmMeasurements:
         self._answer_loss = jit(functools.partial(_answer_loss, config))
         self._hidden = jit(lambda params, tokens: jnp.stack(
             lm_model.apply_with_hidden(config, params, tokens)[1]))
-        self._class_sums = jit(functools.partial(_class_sums, config))
-        self._interference = jit(functools.partial(
-            gradients.lm_interference, config, top_k=spec.interference_top_k))
+        self._label_class_sums = jit(functools.partial(_label_class_sums, config))
+        self._interference = jax.jit(functools.partial(
+            gradients.lm_interference, config, top_k=spec.interference_top_k),
+            static_argnames="task_rows", out_shardings=self.replicated)
 
     # ------------------------------------------------------------------------------ behaviour
 
@@ -155,15 +156,20 @@ class LmMeasurements:
             total = out if total is None else jax.tree.map(jnp.add, total, out)
         return total
 
-    def behaviour(self, params, injected: list[int]) -> dict:
+    def behaviour(self, params, injected: list[int], probes_now: bool = False) -> dict:
         """val_loss, task_loss (on the first `injected[k]` train instances of task k, in
-        injection order) and task_accuracy."""
-        losses, accuracies = [], []
-        for train, test, count in zip(self.train_sets, self.test_sets, injected):
+        injection order) and task_accuracy; with `probes_now`, the representation rows too
+        (a T_ADD task's class means come from the same forward pass as its accuracy)."""
+        losses, accuracies, class_means = [], [], {}
+        for k, (task, train, count) in enumerate(zip(self.tasks, self.train_sets, injected)):
             loss_sum, _, count = self._sums(self._label_sums, params, train,
                                             np.arange(len(train)) < count)
             losses.append(evaluation.mean(loss_sum, count))
-            _, correct, count = self._sums(self._label_sums, params, test, np.ones(len(test)))
+            if probes_now and task.spec.kind == "add":
+                correct, count, class_means[k] = self._accuracy_and_class_means(params, k)
+            else:
+                _, correct, count = self._sums(self._label_sums, params, self.test_sets[k],
+                                               np.ones(len(self.test_sets[k])))
             accuracies.append(evaluation.mean(correct, count))
         val = (self._text_loss(params, self.held_out_BxL) if len(self.held_out_BxL)
                else jnp.float32(jnp.nan))
@@ -171,12 +177,15 @@ class LmMeasurements:
         if self.template_batches is not None:
             row["reference_loss"] = _stack([self._answer_loss(params, *self.template_batches[n])
                                             for n in templates.TEMPLATES])
+        if probes_now:
+            row.update(self._representations(params, injected, class_means))
         return row
 
     # ------------------------------------------------------------------------ representations
 
-    def representations(self, params, injected: list[int]) -> dict:
-        """probe_r2, probe_r2_null, fourier_power, fourier_modes and mlp_ablation rows."""
+    def _representations(self, params, injected: list[int], class_means: dict) -> dict:
+        """probe_r2, probe_r2_null, fourier_power, fourier_modes and mlp_ablation rows;
+        class_means: {T_ADD task: [layers, classes, D]}."""
         layers, rows = self.config.n_layers + 1, self.no_representations()
         for k, (task, train, count) in enumerate(zip(self.tasks, self.train_sets, injected)):
             if task.spec.kind == "cmp":
@@ -186,8 +195,7 @@ class LmMeasurements:
                     rows["probe_r2"][k, layer], rows["probe_r2_null"][k, layer] = (
                         probes.value_r2(reps, task.values))
             else:
-                means_by_layer = self._class_means(params, k)
-                for layer, means in enumerate(means_by_layer):
+                for layer, means in enumerate(class_means[k]):
                     power = probes.fourier_power(means)
                     rows["fourier_power"][k, layer] = power
                     rows["fourier_modes"][k, layer] = probes.fourier_modes(power, NUM_CLASSES)
@@ -209,27 +217,29 @@ class LmMeasurements:
                 "fourier_modes": np.full((K, layers), np.nan, np.float32),
                 "mlp_ablation": np.full((K, layers - 1), np.nan, np.float32)}
 
-    def _class_means(self, params, k: int) -> np.ndarray:
-        """[layers, classes, D]: the mean residual at position 1 of task k's test instances
-        per class (a + b) mod 100."""
+    def _accuracy_and_class_means(self, params, k: int):
+        """(Σ correct, count, [layers, classes, D] class means) over task k's test instances:
+        the mean residual at position 1 per class (a + b) mod 100."""
         test, classes_B = self.test_sets[k], self.test_classes[k]
-        sums, counts = None, np.bincount(classes_B, minlength=NUM_CLASSES)
-        for tokens, classes, weights in _padded(self.spec.eval_batch, test[:, :2], classes_B,
+        total, counts = None, np.bincount(classes_B, minlength=NUM_CLASSES)
+        for tokens, classes, weights in _padded(self.spec.eval_batch, test, classes_B,
                                                 np.ones(len(test), np.float32)):
-            out = self._class_sums(params, tokens, classes, weights)
-            sums = out if sums is None else sums + out
-        sums = np.asarray(sums, np.float64)
+            out = self._label_class_sums(params, tokens, classes, weights)
+            total = out if total is None else jax.tree.map(jnp.add, total, out)
+        correct, count, sums = total
         with np.errstate(invalid="ignore", divide="ignore"):  # An empty class gives NaN.
-            return sums / counts[None, :, None]
+            return correct, count, np.asarray(sums, np.float64) / counts[None, :, None]
 
     # ------------------------------------------------------------------------------ gradients
 
-    def gradients(self, params, tokens_BxL, owner) -> dict:
-        """grad_cosine and interference of the batch `tokens_BxL` (global arrays)."""
+    def gradients(self, params, tokens_BxL, owner, task_rows: int) -> dict:
+        """grad_cosine and interference of the batch `tokens_BxL` (global arrays), whose task
+        instances lie in at most `task_rows` rows (one instance per row)."""
         if not self.tasks:
             return {"grad_cosine": np.zeros((0, len(gradients.PARTS)), np.float32),
                     "interference": np.full((1, 1), np.nan, np.float32)}
-        out = self._interference(params, tokens_BxL, owner, self.reference_instances)
+        out = self._interference(params, tokens_BxL, owner, self.reference_instances,
+                                 task_rows=max(task_rows, 1))
         return {"grad_cosine": out.grad_cosine, "interference": out.interference}
 
     def no_gradients(self) -> dict:
@@ -254,8 +264,14 @@ def _answer_classes(task: inject.Task, instances_BxI: np.ndarray) -> np.ndarray:
                       np.int32)
 
 
-def _class_sums(config, params, tokens_BxI, classes_B, weights_B):
-    """[layers, classes, D]: Σ over instances of each class of the residual at position 1."""
-    hidden = jnp.stack(lm_model.apply_with_hidden(config, params, tokens_BxI)[1])[:, :, 1]
+def _label_class_sums(config, params, tokens_BxI, classes_B, weights_B):
+    """(Σ w·[argmax = LABEL], Σ w, [layers, classes, D] Σ w·residual at position 1 per class)
+    from one forward pass over TOK1 TOK2."""
+    logits_BxLxV, hidden = lm_model.apply_with_hidden(config, params,
+                                                      tokens_BxI[:, :inject.LABEL_POS])
+    predicted_B = jnp.argmax(logits_BxLxV[:, inject.LABEL_POS - 1], axis=-1)
+    correct_B = (predicted_B == tokens_BxI[:, inject.LABEL_POS]).astype(jnp.float32)
+    at_label = jnp.stack(hidden)[:, :, inject.LABEL_POS - 1].astype(jnp.float32)
     one_hot = jax.nn.one_hot(classes_B, NUM_CLASSES) * weights_B[:, None]
-    return jnp.einsum("bc,lbd->lcd", one_hot, hidden.astype(jnp.float32))
+    return (jnp.sum(weights_B * correct_B), jnp.sum(weights_B),
+            jnp.einsum("bc,lbd->lcd", one_hot, at_label))

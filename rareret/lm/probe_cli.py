@@ -168,17 +168,18 @@ def check_das(args: argparse.Namespace) -> DasRequest:
 
 # ----------------------------------------------------------------------------- DAS (JAX)
 
-def restore_params(request: DasRequest):
-    """(program, params) of the request's checkpoint; `program.setup` rebuilds the corpus,
-    tokenizer, model and tasks as the run had them."""
+def restore_params(workdir: str, spec: LmTrain, step: int):
+    """(program, params) of the run's checkpoint `step`; `program.setup` rebuilds the corpus,
+    tokenizer, model and tasks as the run had them (rareret-export reads checkpoints this way
+    too)."""
     from rareret.checkpoint import Checkpoints
     from rareret.lm.train import LmProgram
 
-    program = LmProgram(request.spec)
-    program.setup(request.workdir)
-    checkpoints = Checkpoints(os.path.join(request.workdir, "checkpoints"))
+    program = LmProgram(spec)
+    program.setup(workdir)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
     try:
-        state = checkpoints.restore(request.step, program.abstract_state())
+        state = checkpoints.restore(step, program.abstract_state())
     finally:
         checkpoints.close()
     return program, state["model"]["params"]
@@ -188,7 +189,7 @@ def run_das(request: DasRequest, out=sys.stdout) -> dict:
     """Fits and scores DAS at every requested layer; returns the JSON-able result."""
     from rareret.lm import das
 
-    program, params = restore_params(request)
+    program, params = restore_params(request.workdir, request.spec, request.step)
     config = program.model.config
     task = next(t for t in program.injector.tasks if t.spec.name == request.task)
     candidates = inject.label_candidates(task)

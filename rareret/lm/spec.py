@@ -19,12 +19,20 @@ class LmTrain:
     Attributes:
       model: ladder rung (`python -m rareret.lm.ladder` lists them).
       variant, compute_dtype, remat: passed to the model config.
-      data: a Dolma shard or directory of shards, a `.npy` token file or directory, or "default"
-        (the embedded stdlib-docstring corpus, built offline in the workdir).
+      data: a Dolma shard or directory of shards, a token file (`.npy`, or OLMo's raw `.npy` /
+        `.bin`) or directory of them, a folder `rareret-tokenize` wrote, or "default" (the
+        embedded stdlib-docstring corpus, built offline in the workdir).
       tokenizer: a tokenizer.json for text data; None trains a byte-level BPE of `vocab_size`
-        on the corpus and saves it in the workdir.
-      vocab_size: BPE size to train, or the vocabulary of `.npy` token data.
-      eos_id: end-of-document id of `.npy` token data.
+        on the corpus and saves it in the workdir. With token data it must be the tokenizer
+        that the folder's metadata records (and enables `reference_templates`).
+      vocab_size: BPE size to train, or the vocabulary of token files without metadata.
+      eos_id: end-of-document id of token files without metadata.
+      token_dtype: "uint16" or "uint32", the dtype of raw (headerless) token files.
+      global_indices: OLMo's global-indices file (a 1-D array of sequence indices, raw uint32
+        or `.npy`): step t trains on entries [t·B, (t+1)·B). None: the seeded shuffle.
+        Token data only; it must hold num_steps · global_batch entries.
+      token_cache: folder for the tokens of text data (a subfolder per tokenizer and corpus,
+        reused by later runs); None: `tokens/` in the workdir.
       seq_len, global_batch, num_steps: sequence length, sequences per step, steps.
       learning_rate, warmup_steps, min_lr_ratio: AdamW peak rate, linear warm-up, cosine decay
         to min_lr_ratio · peak at the last step.
@@ -57,6 +65,9 @@ class LmTrain:
     tokenizer: str | None = None
     vocab_size: int = 512
     eos_id: int = 0
+    token_dtype: str | None = None
+    global_indices: str | None = None
+    token_cache: str | None = None
     seq_len: int = 128
     global_batch: int = 16
     num_steps: int = 200
@@ -85,6 +96,12 @@ class LmTrain:
                            "interference_top_k")
         require_int_fields(self, 0, "warmup_steps", "seed", "eos_id", "val_sequences",
                            "probe_every", "interference_every", "injection_window")
+        require(self.token_dtype in (None, "uint16", "uint32"),
+                f"LmTrain.token_dtype={self.token_dtype!r} must be None, 'uint16' or 'uint32'")
+        for name in ("global_indices", "token_cache"):
+            value = getattr(self, name)
+            require(value is None or (isinstance(value, str) and value != ""),
+                    f"LmTrain.{name}={value!r} must be None or a path")
         require(isinstance(self.reference_templates, bool),
                 f"LmTrain.reference_templates={self.reference_templates!r} must be True or False")
         require(self.eval_instances is None

@@ -30,26 +30,32 @@ import optax
 import tokenizers
 
 from rareret import processes, sharding
+from rareret.blas_threads import single_threaded_blas
 from rareret.errors import ConfigError, require
-from rareret.lm import corpus, data, gradients, inject, ladder, measurements, templates
+from rareret.lm import corpus, data, gradients, inject, ladder, measurements, pretokenize
+from rareret.lm import templates
 from rareret.lm import model as lm_model
 from rareret.lm.optim import optimizer
 from rareret.lm.spec import LmTrain
 from rareret.run import Program
 
 VOCAB_MULTIPLE = 128  # Pad the model vocabulary (OLMo: 50,280 → 50,304).
-DATA_DIR, TOKENIZER_FILE = "data", "tokenizer.json"  # The program's files in the workdir.
+# The program's files in the workdir: the embedded corpus, a trained tokenizer, cached tokens.
+DATA_DIR, TOKENIZER_FILE, TOKENS_DIR = "data", "tokenizer.json", "tokens"
 
 
 @dataclasses.dataclass
 class UserData:
     """The run's data as read and validated before the workdir is touched: token files
-    (memory-mapped) or a text corpus's documents, neither for the embedded default corpus; and
-    the user's tokenizer, if `LmTrain.tokenizer` names one."""
+    (memory-mapped; also text already tokenised into `LmTrain.token_cache`) and their global
+    order, or the path of a text corpus (checked, to be tokenised into the workdir), neither
+    for the embedded default corpus; and the user's tokenizer, if `LmTrain.tokenizer` names
+    one."""
 
     tokens: data.TokenCorpus | None = None
-    documents: list[data.Document] | None = None
+    text: str | None = None
     tokenizer: tokenizers.Tokenizer | None = None
+    order: np.ndarray | None = None
 
 
 def read_inputs(spec: LmTrain) -> UserData:
@@ -60,23 +66,62 @@ def read_inputs(spec: LmTrain) -> UserData:
     file missing on its host), all of them raise (`processes.agree`).
     """
     device_count = jax.device_count()  # Starts the backend: every process reaches the check.
-    return processes.agree(lambda: _read_inputs(spec, device_count))
+    inputs = processes.agree(lambda: _read_inputs(spec, device_count))
+    if inputs.text is not None and inputs.tokenizer is not None and spec.token_cache:
+        # A given cache folder may be written before the claim: process 0 tokenises (checking
+        # the text as it goes) unless it is cached already; the others wait, then read it.
+        processes.agree(lambda: processes.is_writer() and pretokenize.cached(
+            spec.data, spec.tokenizer, spec.token_cache))
+        tokens = processes.agree(lambda: data.TokenCorpus.from_tokenized(
+            pretokenize.cache_path(spec.data, spec.tokenizer, spec.token_cache)))
+        inputs = UserData(tokens=tokens, tokenizer=inputs.tokenizer)
+    return inputs
 
 
 def _read_inputs(spec: LmTrain, device_count: int) -> UserData:
     spec.mesh.resolve(device_count)
     tokenizer = data.load_tokenizer(spec.tokenizer) if spec.tokenizer else None
+    if spec.data != "default":
+        require(os.path.exists(spec.data), f"LmTrain.data={spec.data}: no such file or directory")
+    token_data = spec.data != "default" and is_token_data(spec.data)
+    require(spec.global_indices is None or token_data,
+            f"LmTrain.global_indices={spec.global_indices} needs token data; LmTrain.data="
+            f"{spec.data} is text")
     if spec.data == "default":
         return UserData(tokenizer=tokenizer)
-    require(os.path.exists(spec.data), f"LmTrain.data={spec.data}: no such file or directory")
-    if is_token_data(spec.data):
-        return UserData(tokens=data.TokenCorpus.from_token_files(spec.data, spec.vocab_size,
-                                                                 spec.eos_id))
-    return UserData(documents=list(data.read_documents(spec.data)), tokenizer=tokenizer)
+    if token_data:
+        tokens = data.TokenCorpus.from_token_files(spec.data, spec.vocab_size, spec.eos_id,
+                                                   spec.token_dtype, spec.tokenizer)
+        return UserData(tokens=tokens, tokenizer=tokenizer, order=_global_indices(spec, tokens))
+    if tokenizer is None or spec.token_cache is None:
+        # Tokenised after the claim: check every document now, and (with a tokenizer) that
+        # the corpus packs into enough sequences, tokenising only as much as that needs.
+        needed = (spec.global_batch + spec.val_sequences) * spec.seq_len
+        prefix = data.check_documents(spec.data, tokenizer, needed)
+        if tokenizer is not None:
+            data.make_dataset(prefix, spec.seq_len, spec.global_batch, spec.seed,
+                              held_out=spec.val_sequences)
+    return UserData(text=spec.data, tokenizer=tokenizer)
+
+
+def _global_indices(spec: LmTrain, tokens: data.TokenCorpus) -> np.ndarray | None:
+    """`LmTrain.global_indices`, checked against the training sequences and the steps."""
+    if spec.global_indices is None:
+        return None
+    held_out = 0 if tokens.held_out else spec.val_sequences
+    order = data.load_global_indices(
+        spec.global_indices, data.num_sequences(tokens.tokens, spec.seq_len) - held_out)
+    needed = spec.num_steps * spec.global_batch
+    require(len(order) >= needed, f"{spec.global_indices}: {len(order)} entries, fewer than "
+                                  f"num_steps × global_batch = {needed}")
+    return order
 
 
 def is_token_data(path: str) -> bool:
-    """Whether `path` is OLMo-style .npy token data (a file, or a directory of only those)."""
+    """Whether `path` is token data: a token file, a directory of only those, or a folder
+    `rareret-tokenize` wrote."""
+    if os.path.isfile(os.path.join(path, data.METADATA_FILE)):
+        return True
     if os.path.isdir(path):
         return _holds(path, data.TOKEN_SUFFIXES) and not _holds(path, data.TEXT_SUFFIXES)
     return str(path).endswith(data.TOKEN_SUFFIXES)
@@ -98,32 +143,39 @@ class Corpus:
     tokens: tuple[np.ndarray, ...]
     vocab_size: int
     eos_id: int
-    tokenizer: tokenizers.Tokenizer | None = None  # None for token-file data.
+    tokenizer: tokenizers.Tokenizer | None = None  # None for token data without one.
+    held_out: tuple[np.ndarray, ...] = ()  # A held-out split's streams, if the data has one.
+    order: np.ndarray | None = None  # `LmTrain.global_indices`.
 
 
 def load_corpus(spec: LmTrain, workdir: str, inputs: UserData) -> Corpus:
-    """Tokens of the training corpus, training (once, saved in the workdir) a tokenizer if needed.
-
-    Takes `inputs.documents` (they are dropped once tokenised).
-    """
-    if inputs.tokens is not None:
-        return Corpus(inputs.tokens.tokens, spec.vocab_size, spec.eos_id)
-    documents, inputs.documents = inputs.documents, None
-    if documents is None:  # The embedded corpus: process 0 writes it; the others wait.
-        path = os.path.join(workdir, "data", "stdlib_docs.json.gz")
+    """The training corpus: token data as read, or text tokenised (once, by process 0, into
+    `LmTrain.token_cache` or the workdir's `tokens/`) after training a tokenizer (once, saved
+    in the workdir) if none is given. Never holds the corpus in memory: the tokens are mapped."""
+    tokens, tokenizer_path = inputs.tokens, spec.tokenizer
+    if tokens is None:
+        path = inputs.text
+        if path is None:  # The embedded corpus: process 0 writes it; the others wait.
+            path = os.path.join(workdir, DATA_DIR, "stdlib_docs.json.gz")
+            if processes.is_writer():
+                corpus.write_default_corpus(path)
+            processes.barrier("rareret.lm: default corpus written")
+        if tokenizer_path is None:
+            tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
+            if processes.is_writer() and not os.path.exists(tokenizer_path):
+                data.train_tokenizer((d.text for d in data.read_documents(path)),
+                                     spec.vocab_size, tokenizer_path)
+            processes.barrier("rareret.lm: tokenizer trained")
+        cache = spec.token_cache or os.path.join(workdir, TOKENS_DIR)
         if processes.is_writer():
-            corpus.write_default_corpus(path)
-        processes.barrier("rareret.lm: default corpus written")
-        documents = list(data.read_documents(path))
-    tokenizer = inputs.tokenizer
-    if tokenizer is None:
-        saved = os.path.join(workdir, "tokenizer.json")
-        if processes.is_writer() and not os.path.exists(saved):
-            data.train_tokenizer((d.text for d in documents), spec.vocab_size, saved)
-        processes.barrier("rareret.lm: tokenizer trained")
-        tokenizer = data.load_tokenizer(saved)
-    token_corpus = data.TokenCorpus.from_documents(documents, tokenizer)
-    return Corpus(token_corpus.tokens, token_corpus.vocab_size, token_corpus.eos_id, tokenizer)
+            pretokenize.cached(path, tokenizer_path, cache)
+        processes.barrier("rareret.lm: corpus tokenised")
+        tokens = data.TokenCorpus.from_tokenized(
+            pretokenize.cache_path(path, tokenizer_path, cache))
+    tokenizer = inputs.tokenizer or (data.load_tokenizer(tokenizer_path) if tokenizer_path
+                                     else None)
+    return Corpus(tokens.tokens, tokens.vocab_size, tokens.eos_id, tokenizer, tokens.held_out,
+                  inputs.order)
 
 
 def model_config(spec: LmTrain, vocab_size: int) -> lm_model.OlmoConfig:
@@ -199,26 +251,27 @@ class LmProgram(Program):
 
     Constructing it validates every input (`read_inputs`) and that the model fits the mesh, and
     builds the corpus, model, tasks, injector, data iterator and measurements when none of them
-    needs a file in the workdir; otherwise `setup` builds them once the embedded corpus or a
-    tokenizer trained on the corpus is written there. The state is {"model": LmModel's state,
-    "train_loss": the mean next-token loss over the last `train` call (NaN at step 0)}.
+    needs a file in the workdir; otherwise `setup` builds them once the embedded corpus, a
+    tokenizer trained on the corpus or the corpus's tokens are written there. The state is
+    {"model": LmModel's state, "train_loss": the mean next-token loss over the last `train`
+    call (NaN at step 0)}.
     """
 
-    files = (DATA_DIR, TOKENIZER_FILE)
+    files = (DATA_DIR, TOKENIZER_FILE, TOKENS_DIR)
 
     def __init__(self, spec: LmTrain):
         self.lm_spec, self.checkpoint_every = spec, spec.checkpoint_every
         self.inputs = read_inputs(spec)
-        require(not (spec.reference_templates and self.inputs.tokens is not None),
-                f"LmTrain.reference_templates=True needs text data; LmTrain.data={spec.data} "
-                f"holds token files, which carry no tokenizer")
+        require(not (spec.reference_templates and self.inputs.tokens is not None
+                     and self.inputs.tokenizer is None),
+                f"LmTrain.reference_templates=True needs text data or LmTrain.tokenizer; "
+                f"LmTrain.data={spec.data} holds token files, which carry no tokenizer")
         self.mesh = sharding.make_mesh(spec.mesh)
         expected_vocab = (self.inputs.tokenizer.get_vocab_size() if self.inputs.tokenizer
                           else spec.vocab_size)
         param_shardings(model_config(spec, expected_vocab), self.mesh)  # Fits the mesh?
         self._built = False
-        if self.inputs.tokens is not None or (self.inputs.documents is not None
-                                              and self.inputs.tokenizer is not None):
+        if self.inputs.tokens is not None:
             # Nothing to write into the workdir: build (and so check the corpus size and the
             # injection schedule) before it is touched; every process must agree.
             processes.agree(lambda: self._build(load_corpus(spec, "", self.inputs)))
@@ -257,15 +310,22 @@ class LmProgram(Program):
         self.injector = inject.Injector(tasks, spec.global_batch, spec.seq_len, text.eos_id,
                                         seed=spec.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
+        # Held-out text: the data's held-out split, else the last `val_sequences` sequences.
+        held_out = 0 if text.held_out else spec.val_sequences
         self.dataset = data.make_dataset(text.tokens, spec.seq_len, spec.global_batch,
                                          spec.seed, jax.process_index(), jax.process_count(),
-                                         held_out=spec.val_sequences)
+                                         held_out=held_out, order=text.order)
         self.iterator = data.make_iterator(self.dataset)
         self.measure = measurements.LmMeasurements(
             spec, self.model.config, self.mesh, tasks, text.eos_id,
-            data.held_out_sequences(text.tokens, spec.seq_len, spec.val_sequences),
+            data.held_out_sequences(text.held_out or text.tokens, spec.seq_len,
+                                    spec.val_sequences),
             templates.template_batches(text.tokenizer) if spec.reference_templates else None)
         self._window_records = spec.injection_records(self._injection_steps())
+        if spec.interference_every:  # One row count for every record: one compiled program.
+            self._task_rows = max([sum(self.injector.counts(t).values())
+                                   for t in self.record_steps() if self._interference_at(t)],
+                                  default=0)
         replicated = sharding.replicated(self.mesh)
         self._loss_sharding = replicated
         self._all_finite = jax.jit(
@@ -292,6 +352,9 @@ class LmProgram(Program):
             loss_sum = loss_sum + loss
         return {"model": model_state, "train_loss": loss_sum / (stop - start)}
 
+    def running(self):
+        return single_threaded_blas()  # The probes' numpy SVDs (see rareret/blas_threads.py).
+
     def validate_state(self, state: dict) -> str | None:
         if not bool(self._all_finite(state["train_loss"])):
             return "LM training diverged: non-finite loss"
@@ -302,11 +365,11 @@ class LmProgram(Program):
     def record(self, state: dict, step: int) -> dict:
         spec, params = self.lm_spec, state["model"]["params"]
         injected = self.injector.distinct_injected(step)
+        probes_now = bool(spec.probe_every) and step % spec.probe_every == 0
         row = {"step": np.int64(step), "lm_loss": state["train_loss"],
-               **self.model.traced(self.measure.behaviour, params, injected)}
-        if spec.probe_every:
-            row.update(self.model.traced(self.measure.representations, params, injected)
-                       if step % spec.probe_every == 0 else self.measure.no_representations())
+               **self.model.traced(self.measure.behaviour, params, injected, probes_now)}
+        if spec.probe_every and not probes_now:
+            row.update(self.measure.no_representations())
         if spec.interference_every:
             row.update(self._gradients(params, step) if self._interference_at(step)
                        else self.measure.no_gradients())
@@ -322,7 +385,8 @@ class LmProgram(Program):
                                                     len(self.injector.tasks)))
         tokens, owner = (jax.make_array_from_process_local_data(self.model.batch_sharding, a)
                          for a in (local_bxL, owner_bxL))
-        return self.model.traced(self.measure.gradients, params, tokens, owner)
+        return self.model.traced(self.measure.gradients, params, tokens, owner,
+                                 self._task_rows)
 
     def summary(self, row) -> str:
         loss = float(row["lm_loss"])

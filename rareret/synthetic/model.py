@@ -200,10 +200,10 @@ def losses(params: Params, x_BxD: jax.Array, y_SxBxT: jax.Array, tiles: TaskTile
         encoder_NxD = jnp.concatenate([p["encoder"].reshape(-1, x_BxD.shape[1]) for p in params])
         hidden_BxN = x_BxD @ encoder_NxD.T
     with jax.named_scope("decoder"):
-        return _decoded_losses(params, hidden_BxN, y_SxBxT, tiles)
+        return decoded_losses(params, hidden_BxN, y_SxBxT, tiles)
 
 
-def _decoded_losses(params: Params, hidden_BxN: jax.Array, y_SxBxT: jax.Array,
+def decoded_losses(params: Params, hidden_BxN: jax.Array, y_SxBxT: jax.Array,
                     tiles: TaskTiles) -> jax.Array:
     """`losses` from the encoders' outputs: every model's decoder pass on its task tiles."""
     num_streams, batch, task_dim = y_SxBxT.shape
@@ -230,6 +230,27 @@ def _decoded_losses(params: Params, hidden_BxN: jax.Array, y_SxBxT: jax.Array,
             err = pred - y_tiles
             out.append(jnp.sum(err * err, axis=(1, 2, 3)))
     return jnp.concatenate(out) / (batch * task_dim)
+
+
+def task_encoder_gradients(grad_hidden_BxN: jax.Array, x_BxD: jax.Array, tiles: TaskTiles,
+                           num_tasks: int, copies: int) -> jax.Array:
+    """Each task's contribution to one group's encoder gradients, [C, K, N, D].
+
+    `grad_hidden_BxN` is the gradient of the summed batch losses w.r.t. the group's encoder
+    outputs ([B, C·N], one stream's task-sorted batch with its `tiles`); the encoder gradient is
+    its transpose times x, and task k's part sums its own rows only. The rows are gathered into
+    task tiles, each tile's gradient is one batched GEMM, and tiles are summed into tasks with a
+    one-hot GEMM, so the work is about that of the ordinary encoder gradient. Summed over k, the
+    result is the ordinary gradient.
+    """
+    num_tiles = tiles.tile_task.shape[0]
+    width = grad_hidden_BxN.shape[1]
+    grad_tiles = to_tiles(grad_hidden_BxN, tiles).reshape(num_tiles, -1, width)
+    x_tiles = to_tiles(x_BxD, tiles).reshape(num_tiles, -1, x_BxD.shape[1])
+    per_tile = jnp.einsum("len,led->lnd", grad_tiles, x_tiles)  # [tiles, C·N, D]
+    task_of_tile = jax.nn.one_hot(tiles.tile_task, num_tasks, dtype=per_tile.dtype)
+    per_task = jnp.einsum("lk,lnd->knd", task_of_tile, per_tile)  # [K, C·N, D]
+    return jnp.swapaxes(per_task.reshape(num_tasks, copies, width // copies, -1), 0, 1)
 
 
 HIGHEST = jax.lax.Precision.HIGHEST

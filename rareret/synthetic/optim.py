@@ -30,3 +30,24 @@ def paper_adamw(learning_rate, warmup_steps: int, weight_decay: float = 0.01,
         optax.adamw(inverse_sqrt_schedule(learning_rate, warmup_steps), b1=0.9, b2=0.999,
                     eps=1e-8, weight_decay=weight_decay),
     )
+
+
+def aggregated(aggregator: optax.GradientTransformation, inner: optax.GradientTransformation,
+               shared: str = "encoder") -> optax.GradientTransformation:
+    """`inner` after `aggregator` has combined the per-task gradients of the `shared` entry.
+
+    Updates are a dict whose `shared` entry holds per-task gradients (a leading [K] axis,
+    `rareret.synthetic.aggregators`' convention); the other entries (task-specific parameters,
+    whose per-task gradients never overlap) pass through as ordinary gradients. The state is
+    (aggregator state, inner state).
+    """
+
+    def init(params):
+        return aggregator.init(params[shared]), inner.init(params)
+
+    def update(updates, state, params=None):
+        combined, aggregator_state = aggregator.update(updates[shared], state[0])
+        updates, inner_state = inner.update({**updates, shared: combined}, state[1], params)
+        return updates, (aggregator_state, inner_state)
+
+    return optax.GradientTransformation(init, update)

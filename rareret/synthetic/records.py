@@ -16,6 +16,7 @@ import numpy as np
 from rareret import store
 from rareret.analysis import retention
 from rareret.synthetic import theory
+from rareret.synthetic.spec import UPDATE_RULES
 
 if TYPE_CHECKING:
     from rareret.synthetic.sweep import SweepProgram
@@ -42,6 +43,12 @@ def record_specs(program: SweepProgram) -> dict[str, store.RecordSpec]:
             {"description": "the model's loss or parameters became non-finite; it is frozen at "
                             "its last finite state"}),
     }
+    if program.tracks_rare:
+        specs["rare_rate"] = store.RecordSpec(
+            (M,), np.float32, ("model",),
+            {"rare_task": program.rare_task,
+             "description": "fraction of the rare task's examples in the model's batches over "
+                            "the steps since the previous record (NaN at step 0)"})
     if program.sweep.interference_every:
         mode = {"mode": program.sweep.interference_mode, "every": program.sweep.interference_every,
                 "missing": "NaN at records whose step is not a multiple of `every`"}
@@ -69,6 +76,19 @@ def coordinate_arrays(program: SweepProgram) -> dict[str, store.Coord]:
     coords = {name: store.Coord(values, ("model",), {}) for name, values in program.model_coords.items()}
     coords["gap"] = store.Coord(program.model_coords["gap"], ("model",),
                                 {"description": "injection gap G (0: i.i.d. prior, no injection)"})
+    if "rare_multiplier" in coords:
+        base = (program.injection.resolved_rate(mixture) if program.injection
+                else float(mixture.prior_array()[program.rare_task]))
+        coords["rare_multiplier"] = store.Coord(
+            program.model_coords["rare_multiplier"], ("model",),
+            {"rare_task": program.rare_task, "base_rate": base,
+             "description": "the rare task is drawn at base_rate × this (the prior, or "
+                            "Injection.rate per cycle)"})
+    if "update_rule" in coords:
+        coords["update_rule"] = store.Coord(
+            program.model_coords["update_rule"], ("model",),
+            {"values": list(UPDATE_RULES),
+             "description": "index into `values`: how per-task gradients are combined"})
     return {
         **coords,
         "prior": store.Coord(mixture.prior_array().astype(np.float32), ("task",), {}),

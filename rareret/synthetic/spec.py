@@ -161,6 +161,17 @@ def rarest_task(priors_K: np.ndarray) -> int:
     return int(np.flatnonzero(priors_K == priors_K.min())[-1])
 
 
+def multiplied_priors(priors_K: np.ndarray, rare_task: int, multiplier: float) -> np.ndarray:
+    """π with the rare task's prior × `multiplier` and the others scaled to keep the sum 1
+    (`priors_K` itself at multiplier 1)."""
+    if multiplier == 1:
+        return priors_K
+    rare = priors_K[rare_task]
+    out_K = priors_K * ((1 - rare * multiplier) / (1 - rare))
+    out_K[rare_task] = rare * multiplier
+    return out_K
+
+
 @dataclasses.dataclass(frozen=True)
 class Injection:
     """Matched-frequency injection of one rare task (docs/method.md §5).
@@ -175,11 +186,16 @@ class Injection:
       gap: G, steps per cycle; several gaps make gap a per-model axis (one data stream each).
       rare_task: the withheld task, 0-based; default the rarest task.
       rate: long-run frequency ρ_r of the rare task; default its prior π_r.
+      replay_after: 0 (default: no replay), or k: each injection's rare rows (inputs and
+        task) are shown again, exactly, k steps later, and cycles inject fresh rows at half the
+        rate, so the rare rows shown stay within one of the plain schedule's (docs/method.md
+        §5.3). Needs one gap (and one `Sweep.rare_multiplier`), k not a multiple of it.
     """
 
     gap: int | Sequence[int] = 256
     rare_task: int | None = None
     rate: float | None = None
+    replay_after: int = 0
 
     def __post_init__(self):
         require(len(self.gaps) > 0, "Injection.gap=[] must name at least one gap")
@@ -191,6 +207,15 @@ class Injection:
                 f"Injection.rare_task={self.rare_task!r} must be a task index ≥ 0")
         require(self.rate is None or (is_number(self.rate) and 0 < self.rate <= 1),
                 f"Injection.rate={self.rate!r} must be a number in (0, 1]")
+        require(is_int(self.replay_after) and self.replay_after >= 0,
+                f"Injection.replay_after={self.replay_after!r} must be an integer ≥ 0")
+        if self.replay_after:
+            require(len(self.gaps) == 1,
+                    f"Injection.replay_after={self.replay_after} needs one gap, not "
+                    f"{list(self.gaps)}: every stream must replay the same rows")
+            require(self.replay_after % self.gaps[0] != 0,
+                    f"Injection.replay_after={self.replay_after} is a multiple of "
+                    f"Injection.gap={self.gaps[0]}: replays would land on injections")
 
     @property
     def gaps(self) -> tuple[int, ...]:
@@ -216,15 +241,19 @@ class Injection:
                     f"Injection.gap={gap} with rate {rate:.4g} injects {gap * batch_size * rate:.0f}"
                     f" rare examples into a batch of {batch_size}; need gap × rate ≤ 1")
 
-    def counts(self, gap: int, batch_size: int, rate: float, num_cycles: int) -> np.ndarray:
-        """m_c, rare examples injected at the end of cycle c, [num_cycles] int."""
-        per_cycle = gap * batch_size * Fraction(str(rate))  # The rate as the decimal it prints.
+    def counts(self, gap: int, batch_size: int, rate: float | Fraction,
+               num_cycles: int) -> np.ndarray:
+        """m_c, fresh rare examples injected at the end of cycle c, [num_cycles] int (at half
+        `rate` under replay, each shown twice)."""
+        # The rate as the decimal it prints as (a Fraction prints as itself, 'p/q').
+        per_cycle = gap * batch_size * Fraction(str(rate)) / (2 if self.replay_after else 1)
         cumulative = [c * per_cycle.numerator // per_cycle.denominator
                       for c in range(num_cycles + 1)]
         return np.diff(np.asarray(cumulative, np.int64)).astype(np.int32)
 
 
 INTERFERENCE_MODES = ("population", "sampled")
+UPDATE_RULES = ("adamw", "pcgrad", "cagrad")  # Sweep.update_rule; see synthetic/aggregators.py.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +276,15 @@ class Sweep:
         gradients of that step's batch).
       checkpoint_every: steps between checkpoints (taken at the first record at or after each
         multiple, and at the end); a re-run resumes from the latest.
+      rare_multiplier: None (default), or one number or several (a per-model axis): the rare
+        task (`Injection.rare_task`, else the rarest) is drawn at multiplier × its rate, its
+        prior π_r (the other tasks' priors scaled by (1 − m·π_r)/(1 − π_r)) or, under an
+        injection schedule, m × `Injection.rate` per cycle. Each value gets its own stream of
+        task ids over the shared inputs; the realised rate is recorded (`rare_rate`).
+      update_rule: 'adamw' (default: the paper's optimiser on the batch gradient), or 'pcgrad'
+        / 'cagrad': the batch's per-task encoder gradients are combined by that rule
+        (`rareret.synthetic.aggregators`) before the same clipping and AdamW; a list makes it a
+        per-model axis (docs/method.md §5.2).
     """
 
     widths: Sequence[int] = (2, 4, 8, 16, 32, 64, 128, 256)
@@ -262,6 +300,8 @@ class Sweep:
     interference_every: int = 0
     interference_mode: str = "population"
     checkpoint_every: int = 5000
+    rare_multiplier: float | Sequence[float] | None = None
+    update_rule: str | Sequence[str] = "adamw"
 
     def __post_init__(self):
         _require_int_list("Sweep.widths", self.widths, minimum=1)
@@ -278,18 +318,60 @@ class Sweep:
         require_int_fields(self, 0, "warmup_steps", "data_seed", "interference_every")
         require(is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf,
                 f"Sweep.weight_decay={self.weight_decay!r} must be a finite number ≥ 0")
+        multipliers = self.rare_multipliers
+        require(len(multipliers) > 0, "Sweep.rare_multiplier=[] must name at least one value")
+        for value in multipliers:
+            require(is_number(value) and 0 < value < math.inf,
+                    f"Sweep.rare_multiplier: {value!r} must be a finite number > 0")
+        require(len(set(multipliers)) == len(multipliers),
+                f"Sweep.rare_multiplier={list(multipliers)} has duplicates")
+        rules = self.update_rules
+        require(len(rules) > 0 and len(set(rules)) == len(rules)
+                and all(isinstance(r, str) and r in UPDATE_RULES for r in rules),
+                f"Sweep.update_rule={self.update_rule!r} must be one or more distinct values "
+                f"of {list(UPDATE_RULES)}")
 
     @property
     def learning_rates(self) -> tuple[float, ...]:
         rates = self.learning_rate
         return tuple(rates) if isinstance(rates, (list, tuple)) else (rates,)
 
-    def check_against(self, mixture: TaskMixture) -> None:
-        """Raises ConfigError if the sweep does not fit the mixture."""
+    @property
+    def rare_multipliers(self) -> tuple[float, ...]:
+        """The rare-task multipliers; (1,) when `rare_multiplier` is unset."""
+        value = 1 if self.rare_multiplier is None else self.rare_multiplier
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+    @property
+    def update_rules(self) -> tuple[str, ...]:
+        rules = self.update_rule
+        return tuple(rules) if isinstance(rules, (list, tuple)) else (rules,)
+
+    def check_against(self, mixture: TaskMixture, injection: Injection | None = None) -> None:
+        """Raises ConfigError if the sweep does not fit the mixture (and injection schedule)."""
         for width in self.widths:
             require(width <= mixture.input_dim,
                     f"Sweep.widths: width {width} exceeds TaskMixture.input_dim="
                     f"{mixture.input_dim}")
+        if self.rare_multiplier is None:
+            return
+        require(not (injection and injection.replay_after and len(self.rare_multipliers) > 1),
+                f"Injection.replay_after needs one Sweep.rare_multiplier, not "
+                f"{list(self.rare_multipliers)}: every stream must replay the same rows")
+        priors_K = mixture.prior_array()
+        for value in self.rare_multipliers:
+            if injection:
+                rate = injection.resolved_rate(mixture) * value
+                for gap in injection.gaps:
+                    require(gap * rate <= 1,
+                            f"Sweep.rare_multiplier={value} with Injection.gap={gap} injects "
+                            f"{gap * self.batch_size * rate:.0f} rare examples into a batch of "
+                            f"{self.batch_size}; need gap × rate × multiplier ≤ 1")
+            else:
+                prior = priors_K[rarest_task(priors_K)]
+                require(prior * value < 1,
+                        f"Sweep.rare_multiplier={value} makes the rare task's prior "
+                        f"{prior:.4g} × {value} = {prior * value:.4g}; need < 1")
 
     def record_steps(self, injection: Injection | None = None) -> list[int]:
         """Steps (models' states after that many steps) at which metrics are recorded.

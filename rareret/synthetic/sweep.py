@@ -1,11 +1,12 @@
-"""The synthetic experiment's program: every width × seed × learning rate (× injection gap) in
-one jitted program, run by `rareret.run.Run`.
+"""The synthetic experiment's program: every width × seed × learning rate (× injection gap ×
+rare-task multiplier × update rule) in one jitted program, run by `rareret.run.Run`.
 
 `SweepProgram` holds the compiled pieces: a chunk of training steps of any length (one
 `fori_loop`, so irregular record schedules never recompile), exact population metrics, and
-per-task gradient interference. All models see the same inputs; an injection schedule with
-several gaps gives each gap its own stream of task ids over those inputs. The specs are in
-`rareret.synthetic.spec`, the arrays it records in `rareret.synthetic.records`.
+per-task gradient interference. All models see the same inputs; each (gap, rare multiplier,
+update rule) gets its own stream of task ids over those inputs (streams that differ only in
+the update rule draw the same ids). The specs are in `rareret.synthetic.spec`, the arrays it
+records in `rareret.synthetic.records`.
 
 Shapes (docs/method.md "Shape letters"): B batch, D input dim, K tasks, T task dim, M models,
 G width groups, C models (copies) per group, S streams, Y injection cycles.
@@ -17,6 +18,7 @@ import dataclasses
 import functools
 import itertools
 import json
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -27,33 +29,49 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rareret import interference
 from rareret.blas_threads import single_threaded_blas
 from rareret.run import Program
-from rareret.synthetic import model, optim, records, tasks, theory
-from rareret.synthetic.spec import Injection, Sweep, TaskMixture, rarest_task
+from rareret.synthetic import aggregators, model, optim, records, tasks, theory
+from rareret.synthetic.spec import (UPDATE_RULES, Injection, Sweep, TaskMixture,
+                                    multiplied_priors, rarest_task)
 
 
 class SweepProgram(Program):
     """The compiled pieces of a sweep: init, a chunk of training steps, metrics, interference.
 
     The state is {"params", "opt_state", "diverged" [M], "train_loss" [M]}: `train_loss` is the
-    mean batch loss of each model over the last `train` call (NaN at step 0).
+    mean batch loss of each model over the last `train` call (NaN at step 0). With
+    `Sweep.rare_multiplier` set it also holds `rare_rate` [M], the fraction of rare-task examples
+    in the batches of that call (NaN at step 0).
     """
 
     def __init__(self, mixture: TaskMixture, sweep: Sweep,
                  injection: Injection | None = None):
-        sweep.check_against(mixture)
         if injection:
             injection.check_against(mixture, sweep.batch_size)
+        sweep.check_against(mixture, injection)
         self.mixture, self.sweep, self.injection = mixture, sweep, injection
         gaps = injection.gaps if injection else (0,)
+        # One data stream per (gap, rare multiplier, update rule), stream-major groups.
+        self.streams = list(itertools.product(gaps, sweep.rare_multipliers, sweep.update_rules))
         self.layout = model.PackedLayout(
             widths=tuple(sweep.widths), copies=len(sweep.seeds) * len(sweep.learning_rates),
             num_tasks=mixture.num_tasks, task_dim=mixture.task_dim, input_dim=mixture.input_dim,
-            streams=len(gaps))
-        grid = list(itertools.product(gaps, sweep.widths, sweep.seeds, sweep.learning_rates))
-        self.model_coords = {"gap": np.array([g[0] for g in grid], np.int64),
-                       "width": np.array([g[1] for g in grid], np.int64),
-                       "seed": np.array([g[2] for g in grid], np.int64),
-                       "learning_rate": np.array([g[3] for g in grid], np.float32)}
+            streams=len(self.streams))
+        grid = list(itertools.product(self.streams, sweep.widths, sweep.seeds,
+                                      sweep.learning_rates))
+        self.model_coords = {"gap": np.array([g[0][0] for g in grid], np.int64)}
+        self.tracks_rare = sweep.rare_multiplier is not None
+        if self.tracks_rare:
+            self.model_coords["rare_multiplier"] = np.array([g[0][1] for g in grid], np.float32)
+        if sweep.update_rules != ("adamw",):
+            self.model_coords["update_rule"] = np.array(
+                [UPDATE_RULES.index(g[0][2]) for g in grid], np.int64)
+        self.model_coords.update({"width": np.array([g[1] for g in grid], np.int64),
+                                  "seed": np.array([g[2] for g in grid], np.int64),
+                                  "learning_rate": np.array([g[3] for g in grid], np.float32)})
+        self.group_rules = tuple(rule for _, _, rule in self.streams for _ in sweep.widths)
+        self.aggregates = any(rule != "adamw" for rule in self.group_rules)
+        self.stream_M = np.repeat(np.arange(len(self.streams)),
+                                  len(sweep.widths) * self.layout.copies)
         priors_K = mixture.prior_array()
         self.rare_task = injection.rare(mixture) if injection else rarest_task(priors_K)
         self.frequent_K = np.isin(np.arange(mixture.num_tasks), theory.frequent_tasks(priors_K))
@@ -62,7 +80,7 @@ class SweepProgram(Program):
         trace_K = mixture.spectra().sum(axis=1)
         self.frequent_weights_K = jnp.asarray(priors_K * trace_K * self.frequent_K, jnp.float32)
         self.learning_rate_M = jnp.asarray(self.model_coords["learning_rate"])
-        self._streams = self._stream_tables(gaps)
+        self._streams = self._stream_tables()
         self.checkpoint_every = sweep.checkpoint_every
         # One copy of the sweep per process (on its first device), so that every process of a
         # multi-process run holds the same global state and writes its part of a checkpoint.
@@ -75,21 +93,31 @@ class SweepProgram(Program):
         self.evaluate = jax.jit(self._evaluate, out_shardings=self.replicated)
         self.interference = jax.jit(self._interference, out_shardings=self.replicated)
 
-    def _stream_tables(self, gaps):
-        """Per stream: task priors, gap and injection counts per cycle (host-computed, exact)."""
+    def _stream_tables(self):
+        """Per stream: task priors, gap and injection counts per cycle (host-computed, exact).
+
+        Without injection a stream draws from the prior with the rare task's share multiplied
+        (`multiplied_priors`); with it, the rare task is withheld and each cycle injects
+        counts at the rate × multiplier, read exactly as the decimals they print as.
+        """
         priors_K = self.mixture.prior_array()
+        num_streams = len(self.streams)
         if not self.injection:
-            return {"priors_SxK": jnp.asarray(priors_K[None], jnp.float32),
-                    "gap_S": jnp.ones(1, jnp.int32), "counts_SxY": jnp.zeros((1, 1), jnp.int32)}
+            rows = [multiplied_priors(priors_K, self.rare_task, m) for _, m, _ in self.streams]
+            return {"priors_SxK": jnp.asarray(np.stack(rows), jnp.float32),
+                    "gap_S": jnp.ones(num_streams, jnp.int32),
+                    "counts_SxY": jnp.zeros((num_streams, 1), jnp.int32)}
         others_K = priors_K.copy()
         others_K[self.rare_task] = 0.0
-        rate = self.injection.resolved_rate(self.mixture)
+        rate = Fraction(str(self.injection.resolved_rate(self.mixture)))
+        gaps = [gap for gap, _, _ in self.streams]
         cycles = max(self.sweep.num_steps // min(gaps), 1)
-        counts_SxY = np.zeros((len(gaps), cycles), np.int32)
-        for s, gap in enumerate(gaps):
+        counts_SxY = np.zeros((num_streams, cycles), np.int32)
+        for s, (gap, multiplier, _) in enumerate(self.streams):
             n = self.sweep.num_steps // gap
-            counts_SxY[s, :n] = self.injection.counts(gap, self.sweep.batch_size, rate, n)
-        return {"priors_SxK": jnp.asarray(np.repeat(others_K[None], len(gaps), 0), jnp.float32),
+            counts_SxY[s, :n] = self.injection.counts(
+                gap, self.sweep.batch_size, rate * Fraction(str(multiplier)), n)
+        return {"priors_SxK": jnp.asarray(np.repeat(others_K[None], num_streams, 0), jnp.float32),
                 "gap_S": jnp.asarray(gaps, jnp.int32), "counts_SxY": jnp.asarray(counts_SxY)}
 
     # ------------------------------------------------------------------ the Program protocol
@@ -126,9 +154,12 @@ class SweepProgram(Program):
                             for w, s in zip(self.model_coords["width"],
                                             self.model_coords["seed"])])
         params = model.init_params(self.layout, keys_M)
-        return {"params": params, "opt_state": self._init_opt(params),
-                "diverged": jnp.zeros(self.layout.num_models, bool),
-                "train_loss": jnp.full(self.layout.num_models, jnp.nan, jnp.float32)}
+        state = {"params": params, "opt_state": self._init_opt(params),
+                 "diverged": jnp.zeros(self.layout.num_models, bool),
+                 "train_loss": jnp.full(self.layout.num_models, jnp.nan, jnp.float32)}
+        if self.tracks_rare:
+            state["rare_rate"] = jnp.full(self.layout.num_models, jnp.nan, jnp.float32)
+        return state
 
     def abstract_state(self) -> dict:
         return jax.tree.map(
@@ -139,31 +170,46 @@ class SweepProgram(Program):
         """The state after steps start … stop − 1 (`train_loss`: their mean loss per model)."""
         return self.train_chunk(state, stop - start, start)
 
-    def _optimizer(self, learning_rate):
-        return optim.paper_adamw(learning_rate, self.sweep.warmup_steps, self.sweep.weight_decay)
+    def _optimizer(self, rule, learning_rate):
+        """The paper's AdamW; under an aggregating rule, after combining per-task encoder
+        gradients (PCGrad's order seeded by `Sweep.data_seed`)."""
+        adamw = optim.paper_adamw(learning_rate, self.sweep.warmup_steps, self.sweep.weight_decay)
+        if rule == "adamw":
+            return adamw
+        rules = {"pcgrad": lambda: aggregators.pcgrad(self.sweep.data_seed),
+                 "cagrad": aggregators.cagrad}
+        return optim.aggregated(rules[rule](), adamw)
 
     def _per_group(self, fn, *trees):
-        """Applies `fn(learning_rate, *leaves)` vmapped over the models of each group."""
+        """Applies `fn(rule, learning_rate, *leaves)` vmapped over the models of each group."""
         copies = self.layout.copies
         out = []
         for g, group in enumerate(zip(*trees)):
             rates_C = self.learning_rate_M[g * copies:(g + 1) * copies]
-            out.append(jax.vmap(fn)(rates_C, *group))
+            out.append(jax.vmap(functools.partial(fn, self.group_rules[g]))(rates_C, *group))
         return tuple(out)
 
     def _init_opt(self, params):
-        return self._per_group(lambda lr, p: self._optimizer(lr).init(p), params)
+        return self._per_group(lambda rule, lr, p: self._optimizer(rule, lr).init(p), params)
 
-    def rare_counts(self, step):
-        """Rare examples in step `step`'s batch of each stream, [S]."""
+    def _injected(self, step):
+        """Fresh rare examples injected into step `step`'s batch of each stream, [S]."""
         t = self._streams
-        if not self.injection:
-            return jnp.zeros(1, jnp.int32)
-        cycle = step // t["gap_S"]
-        injecting = (step % t["gap_S"]) == t["gap_S"] - 1
+        cycle = jnp.maximum(step, 0) // t["gap_S"]
+        injecting = (step >= 0) & ((step % t["gap_S"]) == t["gap_S"] - 1)
         count = t["counts_SxY"][jnp.arange(t["gap_S"].shape[0]),
                                 jnp.minimum(cycle, t["counts_SxY"].shape[1] - 1)]
         return jnp.where(injecting, count, 0)
+
+    def rare_counts(self, step):
+        """Rare examples in step `step`'s batch of each stream, [S]: the injection's fresh ones,
+        or under `Injection.replay_after` = k those of step − k shown again."""
+        if not self.injection:
+            return jnp.zeros(len(self.streams), jnp.int32)
+        fresh = self._injected(step)
+        if self.injection.replay_after:
+            fresh += self._injected(step - self.injection.replay_after)
+        return fresh
 
     def batch(self, step):
         """Step `step`'s batch: (x_BxD, y_SxBxT, task_SxB), one row of tasks per stream."""
@@ -172,40 +218,101 @@ class SweepProgram(Program):
         task_SxB = jax.vmap(lambda priors_K, count: tasks.stream_tasks(
             key, self.sweep.batch_size, priors_K, self.rare_task, count))(
             self._streams["priors_SxK"], self.rare_counts(step))
+        if self.injection and self.injection.replay_after:
+            x_BxD = self._replayed_inputs(step, x_BxD, task_SxB[0])
         y_SxBxT = jax.vmap(lambda task_B: tasks.targets(x_BxD, task_B, self.sqrt_spectra_KxT))(
             task_SxB)
         return x_BxD, y_SxBxT, task_SxB
 
+    def _replayed_inputs(self, step, x_BxD, task_B):
+        """At a replay step, the rare rows' inputs are those of the rare rows of step − k,
+        regenerated from that step's key (every stream holds the same rows: one gap, one
+        multiplier), so the replayed rows equal the originals exactly."""
+        before = step - self.injection.replay_after
+        count = self._injected(before)[0]
+
+        def replay():
+            key = tasks.batch_key(self.sweep.data_seed, jnp.maximum(before, 0))
+            old_x_BxD = tasks.sample_inputs(key, self.sweep.batch_size, self.mixture.input_dim)
+            old_task_B = tasks.stream_tasks(key, self.sweep.batch_size,
+                                            self._streams["priors_SxK"][0], self.rare_task, count)
+            # The rare rows are one block in both sorted batches: shift one onto the other.
+            shift = (jnp.searchsorted(old_task_B, self.rare_task)
+                     - jnp.searchsorted(task_B, self.rare_task))
+            rows_B = jnp.clip(jnp.arange(task_B.shape[0]) + shift, 0, task_B.shape[0] - 1)
+            return jnp.where((task_B == self.rare_task)[:, None], old_x_BxD[rows_B], x_BxD)
+
+        return jax.lax.cond(count > 0, replay, lambda: x_BxD)
+
     def _tiled_batch(self, step):
-        """Step `step`'s batch with each stream's task tiles: (x_BxD, y_SxBxT, tiles)."""
+        """Step `step`'s batch with each stream's task tiles: (x_BxD, y_SxBxT, tiles), and
+        with `Sweep.rare_multiplier` set each stream's rare-task examples [S]."""
         with jax.named_scope("batch"):
             x_BxD, y_SxBxT, task_SxB = self.batch(step)
             tiles = jax.vmap(lambda task_B: model.task_tiles(
                 task_B, self.mixture.num_tasks, self.sweep.tile_size))(task_SxB)
+        if self.tracks_rare:
+            return x_BxD, y_SxBxT, tiles, jnp.sum(task_SxB == self.rare_task, axis=1)
         return x_BxD, y_SxBxT, tiles
 
     def _train_step(self, step, carry):
-        state, loss_sum_M, (x_BxD, y_SxBxT, tiles) = carry
+        state, sums, batch = carry
         # The next batch does not depend on this step, so XLA's CPU runtime generates it while
         # this step's small decoder ops run.
         upcoming = self._tiled_batch(step + 1)
-
-        def total_loss(p):
-            losses_M = model.losses(p, x_BxD, y_SxBxT, tiles)
-            # Models are independent: d(sum)/dθ_m = dℓ_m/dθ_m. Diverged models add nothing.
-            return jnp.sum(jnp.where(state["diverged"], 0.0, losses_M)), losses_M
-
-        (_, losses_M), grads = jax.value_and_grad(total_loss, has_aux=True)(state["params"])
+        losses_M, grads = self.gradients(state, *batch[:3])
         with jax.named_scope("optimizer"):
             state = self._apply_updates(state, losses_M, grads)
-        return state, loss_sum_M + losses_M, upcoming
+        return state, tuple(s + b for s, b in zip(sums, (losses_M, *batch[3:]))), upcoming
+
+    def gradients(self, state, x_BxD, y_SxBxT, tiles):
+        """Each model's batch loss [M] and what its optimiser takes: the gradients, with the
+        encoder's as per-task contributions [C, K, N, D] in groups under an aggregating rule
+        (`model.task_encoder_gradients`). Diverged models add nothing."""
+        params, diverged_M = state["params"], state["diverged"]
+        if not self.aggregates:
+            def total_loss(p):
+                losses_M = model.losses(p, x_BxD, y_SxBxT, tiles)
+                # Models are independent: d(sum)/dθ_m = dℓ_m/dθ_m.
+                return jnp.sum(jnp.where(diverged_M, 0.0, losses_M)), losses_M
+
+            (_, losses_M), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
+            return losses_M, grads
+        with jax.named_scope("encoder"):
+            encoder_NxD = jnp.concatenate([p["encoder"].reshape(-1, x_BxD.shape[1])
+                                           for p in params])
+            hidden_BxN = x_BxD @ encoder_NxD.T
+
+        def decoded_loss(hidden_BxN, decoders):
+            packed = tuple({**p, "decoders": d} for p, d in zip(params, decoders))
+            with jax.named_scope("decoder"):
+                losses_M = model.decoded_losses(packed, hidden_BxN, y_SxBxT, tiles)
+            return jnp.sum(jnp.where(diverged_M, 0.0, losses_M)), losses_M
+
+        (_, losses_M), (grad_hidden_BxN, grad_decoders) = jax.value_and_grad(
+            decoded_loss, argnums=(0, 1), has_aux=True)(
+            hidden_BxN, tuple(p["decoders"] for p in params))
+        grads, start = [], 0
+        for g, p in enumerate(params):
+            copies, width, _ = p["encoder"].shape
+            grad_hidden = grad_hidden_BxN[:, start:start + copies * width]
+            start += copies * width
+            with jax.named_scope("encoder"):
+                if self.group_rules[g] == "adamw":
+                    encoder = (grad_hidden.T @ x_BxD).reshape(p["encoder"].shape)
+                else:
+                    stream_tiles = jax.tree.map(lambda a: a[g // len(self.sweep.widths)], tiles)
+                    encoder = model.task_encoder_gradients(
+                        grad_hidden, x_BxD, stream_tiles, self.mixture.num_tasks, copies)
+            grads.append({"encoder": encoder, "decoders": grad_decoders[g]})
+        return losses_M, tuple(grads)
 
     def _apply_updates(self, state, losses_M, grads):
         """Each model's optimiser step; a model that turns non-finite is frozen and flagged."""
         params, opt_state = state["params"], state["opt_state"]
 
-        def update(lr, g, s, p):
-            updates, s = self._optimizer(lr).update(g, s, p)
+        def update(rule, lr, g, s, p):
+            updates, s = self._optimizer(rule, lr).update(g, s, p)
             return optax.apply_updates(p, updates), s
 
         updated = self._per_group(update, grads, opt_state, params)
@@ -235,16 +342,23 @@ class SweepProgram(Program):
         A model whose loss or parameters become non-finite is frozen at its last finite state
         and flagged in `state["diverged"]`; the others are unaffected.
         """
-        zero_M = jnp.zeros(self.layout.num_models, jnp.float32)
-        state, loss_sum_M, _ = jax.lax.fori_loop(
+        sums = (jnp.zeros(self.layout.num_models, jnp.float32),)  # Loss, [rare examples].
+        if self.tracks_rare:
+            sums += (jnp.zeros(len(self.streams), jnp.int32),)
+        state, sums, _ = jax.lax.fori_loop(
             first_step, first_step + num_steps, self._train_step,
-            (state, zero_M, self._tiled_batch(first_step)))
-        return {**state, "train_loss": loss_sum_M / num_steps}
+            (state, sums, self._tiled_batch(first_step)))
+        state = {**state, "train_loss": sums[0] / num_steps}
+        if self.tracks_rare:
+            state["rare_rate"] = sums[1][self.stream_M] / (self.sweep.batch_size * num_steps)
+        return state
 
     def record(self, state: dict, step: int) -> dict:
         """One metric record of `state` (device arrays; nothing aliases the donated state)."""
         row = {"step": np.int64(step), "train_loss": jnp.copy(state["train_loss"]),
                "diverged": jnp.copy(state["diverged"]), **self.evaluate(state["params"])}
+        if self.tracks_rare:
+            row["rare_rate"] = jnp.copy(state["rare_rate"])
         if self.sweep.interference_every:
             row.update(self.interference(state["params"], step)
                        if step % self.sweep.interference_every == 0 else self._no_interference)
@@ -304,7 +418,9 @@ def all_finite_per_copy(group: dict) -> jax.Array:
 
 def spec_dict(mixture: TaskMixture, sweep: Sweep, injection: Injection | None) -> dict:
     """The run's specs as plain JSON values (what `spec.json` holds)."""
+    schedule = dataclasses.asdict(injection) if injection else None
+    if schedule and not schedule["replay_after"]:  # Runs from before the knob still resume.
+        del schedule["replay_after"]
     spec = {"experiment": "synthetic", "mixture": dataclasses.asdict(mixture),
-            "sweep": dataclasses.asdict(sweep),
-            "injection": dataclasses.asdict(injection) if injection else None}
+            "sweep": dataclasses.asdict(sweep), "injection": schedule}
     return json.loads(json.dumps(spec, default=list))

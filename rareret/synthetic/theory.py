@@ -32,18 +32,20 @@ ROUNDOFF = 1e-6  # Negative δ_F down to −ROUNDOFF (alignments a hair above 1)
 TIE = 1e-9  # Utilities within this relative distance are equal (exact ties, up to round-off).
 
 
-def utilities(mixture: TaskMixture) -> np.ndarray:
-    """u_KxT = π_k λ_{k,j}, the eigenvalues of M = Σ_k π_k C_k."""
-    return mixture.prior_array()[:, None] * mixture.spectra()
+def utilities(mixture: TaskMixture, priors=None) -> np.ndarray:
+    """u_KxT = π_k λ_{k,j}, the eigenvalues of M = Σ_k π_k C_k (`priors`: π in place of the
+    mixture's, e.g. `spec.multiplied_priors`)."""
+    priors_K = mixture.prior_array() if priors is None else np.asarray(priors, np.float64)
+    return priors_K[:, None] * mixture.spectra()
 
 
-def feature_ranks(mixture: TaskMixture) -> np.ndarray:
+def feature_ranks(mixture: TaskMixture, priors=None) -> np.ndarray:
     """rank_KxT: 1-based position of feature (k, j) in the global descending utility order.
 
     Ties (utilities within a relative `TIE`): utility descending, then task index ascending,
-    then j ascending.
+    then j ascending. `priors` as in `utilities`.
     """
-    utilities_KxT = utilities(mixture)
+    utilities_KxT = utilities(mixture, priors)
     flat = utilities_KxT.ravel()
     by_value = np.argsort(-flat, kind="stable")
     # A new tie group starts wherever the next utility is more than TIE below the previous one.
@@ -78,10 +80,11 @@ def predicted_loss(mixture: TaskMixture, widths) -> np.ndarray:
     return residual_WxK / tails_KxT1[:, 0]
 
 
-def staircase(mixture: TaskMixture, m: int = 1) -> np.ndarray:
-    """N*_K(m) = min{N : n_k(N) ≥ m}, the rank of task k's m-th feature (m is 1-based)."""
+def staircase(mixture: TaskMixture, m: int = 1, priors=None) -> np.ndarray:
+    """N*_K(m) = min{N : n_k(N) ≥ m}, the rank of task k's m-th feature (m is 1-based);
+    `priors` as in `utilities`."""
     _check_int("staircase.m", m, 1, mixture.task_dim)
-    return feature_ranks(mixture)[:, m - 1]
+    return feature_ranks(mixture, priors)[:, m - 1]
 
 
 def frequent_tasks(priors, mass: float = FREQUENT_MASS) -> np.ndarray:
@@ -123,17 +126,18 @@ def frequent_gradient_bound(mixture: TaskMixture, delta, *,
 
 
 def critical_width(mixture: TaskMixture, rare_task: int, feature: int = 0, *,
-                   mass: float = FREQUENT_MASS) -> int:
+                   mass: float = FREQUENT_MASS, priors=None) -> int:
     """Proposition 6: N_r^crit = min{N ≥ 1 : μ_N^F ≤ π_r λ_{r,feature}}.
 
     μ^F are the eigenvalues of M_F = Σ_{k∈F} π_k C_k in descending order (μ_N = 0 past the
     nonzero ones); an eigenvalue tied with the rare utility (within `TIE`) counts as ≤ it.
-    `rare_task` and `feature` are 0-based; `rare_task` must not be in F.
+    `rare_task` and `feature` are 0-based; `rare_task` must not be in F. `priors` as in
+    `utilities` (F is then that of `priors`).
     """
-    _check_rare_task(mixture, rare_task, mass)
+    _check_rare_task(mixture, rare_task, mass, priors)
     _check_int("critical_width.feature", feature, 0, mixture.task_dim - 1)
-    threshold = utilities(mixture)[rare_task, feature]
-    return 1 + int(np.sum(_frequent_spectrum(mixture, mass) > threshold * (1 + TIE)))
+    threshold = utilities(mixture, priors)[rare_task, feature]
+    return 1 + int(np.sum(_frequent_spectrum(mixture, mass, priors) > threshold * (1 + TIE)))
 
 
 def delta_f_threshold(mixture: TaskMixture, rare_task: int, *,
@@ -175,16 +179,16 @@ def example7_decay(eta, gaps) -> np.ndarray:
     return np.exp(-2 * eta * gaps)
 
 
-def _frequent_spectrum(mixture: TaskMixture, mass: float) -> np.ndarray:
+def _frequent_spectrum(mixture: TaskMixture, mass: float, priors=None) -> np.ndarray:
     """Eigenvalues of M_F on the frequent tasks' blocks (all others are 0), descending."""
-    frequent = frequent_tasks(mixture.prior_array(), mass)
-    return np.sort(utilities(mixture)[frequent].ravel())[::-1]
+    frequent = frequent_tasks(mixture.prior_array() if priors is None else priors, mass)
+    return np.sort(utilities(mixture, priors)[frequent].ravel())[::-1]
 
 
-def _check_rare_task(mixture: TaskMixture, rare_task: int, mass: float) -> None:
+def _check_rare_task(mixture: TaskMixture, rare_task: int, mass: float, priors=None) -> None:
     """Requires `rare_task` to be a valid 0-based task index outside F."""
     _check_int("rare_task", rare_task, 0, mixture.num_tasks - 1)
-    frequent = frequent_tasks(mixture.prior_array(), mass)
+    frequent = frequent_tasks(mixture.prior_array() if priors is None else priors, mass)
     require(rare_task not in frequent,
             f"rare_task={rare_task} is in the frequent set F={frequent.tolist()} "
             f"(mass {mass}); pick a task outside F")
