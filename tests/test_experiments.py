@@ -22,8 +22,11 @@ FEW_STEPS = {  # Bindings that cut every kind of run to a few steps.
     "lm": ["LmTrain.num_steps = 4", "LmTrain.record_every = 2", "LmTrain.warmup_steps = 1",
            "LmTrain.checkpoint_every = 4", "LmTrain.eval_instances = 64"],
 }
-CPU_JOBS = sorted({j for s in studies.STUDIES for j in s.cpu if j.config},
-                  key=lambda j: j.name)
+# The levers runs pack up to 84 models each; tests/test_levers_study.py runs a miniature of
+# that study in the default suite, so their few-step runs are kept for `pytest -m slow`.
+CPU_JOBS = [pytest.param(j, id=j.name, marks=[pytest.mark.slow] * j.name.startswith("levers"))
+            for j in sorted({j for s in studies.STUDIES for j in s.cpu if j.config},
+                            key=lambda j: j.name)]
 
 
 def few_step_bindings(job) -> list[str]:
@@ -37,7 +40,7 @@ def few_step_bindings(job) -> list[str]:
     return FEW_STEPS[kind] + extra
 
 
-@pytest.mark.parametrize("job", CPU_JOBS, ids=lambda j: j.name)
+@pytest.mark.parametrize("job", CPU_JOBS)
 def test_every_cpu_config_runs_a_few_steps(tmp_path, job):
     """Each CPU-scale config (a grid: its first cell) parses, validates and trains a few
     steps, leaving a finished run."""

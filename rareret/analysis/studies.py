@@ -376,7 +376,7 @@ def observe_representations(jobs, out) -> Observation:
     run = _lm(jobs, "lm_evidence")
     freqs, names = _task_frequencies(run), run.tasks
     r2, null = run.read("probe_r2"), run.read("probe_r2_null")
-    probed = np.flatnonzero(np.isfinite(r2[:, 0, 0]) if r2.shape[1] else [])
+    probed = np.flatnonzero(np.isfinite(r2).any(axis=(1, 2)))  # Records with probes.
     first, last = probed[0], probed[-1]
     cmp = sorted(run.tasks_of("cmp"), key=lambda k: -freqs[k])
     best = {k: int(np.nanargmax(r2[last, k])) for k in cmp}
