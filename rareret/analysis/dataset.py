@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import xarray as xr
 
 from rareret import store
