@@ -12,6 +12,8 @@ import os
 import grain
 import orbax.checkpoint as ocp
 
+from rareret import host_malloc
+
 
 class Checkpoints:
     """The checkpoints in one directory; the latest `max_to_keep` are kept."""
@@ -31,6 +33,7 @@ class Checkpoints:
             items["data"] = grain.checkpoint.CheckpointSave(iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
+        host_malloc.release_free_memory()  # orbax's host copies of the state, now freed.
 
     def restore(self, step: int, abstract_state, iterator=None):
         """The state of checkpoint `step`; restores `iterator` in place if given."""

@@ -11,6 +11,10 @@ Only long-running training processes call this (the CLI's LM runs, the LM benchm
 JAX starts its CPU backend: threads created earlier keep the arena they already have. The toy
 sweep does not: it runs whole chunks of steps as one execution, allocates little per step, and
 measured slower with a single arena.
+
+The heap then only grows: blocks freed between differently sized ones (a checkpoint's host
+copies, a record's temporaries) stay resident beside the next step's temporaries, and the peak
+crept up with every save. `release_free_memory` gives their pages back at such points.
 """
 
 from __future__ import annotations
@@ -25,12 +29,26 @@ _M_ARENA_MAX = -8
 _NEVER_TRIM = 2**30  # Bytes of free heap top kept before glibc returns memory to the OS.
 
 
+def _glibc():
+    """The C library if it is glibc, else None (macOS, musl, Windows)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def reuse_freed_memory() -> bool:
     """Sets glibc malloc to one arena, no mmap'd blocks and no trimming; False off glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):  # Not glibc (macOS, musl, Windows).
-        return False
+    libc = _glibc()
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    return libc is not None and all(libc.mallopt(param, value) == 1
+                                    for param, value in settings)
+
+
+def release_free_memory() -> None:
+    """Returns the pages of every free heap block to the OS (glibc's `malloc_trim`); they are
+    faulted in again when reused. Off glibc, nothing."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

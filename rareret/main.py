@@ -22,7 +22,7 @@ from rareret.errors import ConfigError, one_line, require
 from rareret.grid_spec import Grid
 from rareret.lm import inject
 from rareret.lm.spec import LmTrain
-from rareret.lm.train import LmProgram
+from rareret.lm.train import LmProgram, schedule_for_memory
 from rareret.mesh_spec import MeshSpec
 from rareret.run import Run, TrainingDiverged
 from rareret.synthetic.spec import Injection, Sweep, TaskMixture
@@ -36,6 +36,7 @@ flags.DEFINE_string("workdir", None, "run directory (config, metrics, report).")
 flags.DEFINE_bool("overwrite", False, "replace a run already in --workdir.")
 flags.DEFINE_bool("report", True, "write the report when the run ends.")
 flags.DEFINE_bool("progress", True, "show a progress line on stderr.")
+flags.DEFINE_bool("dry_run", False, "check every input and say what would run; touch nothing.")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize (auto-detects TPU pods, "
                   "SLURM, ...; or give the three flags below).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --distributed.")
@@ -64,6 +65,7 @@ def run(workdir: str, experiment: str = "synthetic",
             f"run.experiment={experiment!r} is not one of {list(EXPERIMENTS)}")
     if experiment == "lm":
         host_malloc.reuse_freed_memory()  # Before JAX's CPU backend starts (see the module).
+        schedule_for_memory()  # Likewise.
         jobs = [(workdir, LmProgram(gin.get_configurable("LmTrain")()))]
     else:
         jobs = [(job_dir, SweepProgram(mixture, gin.get_configurable("Sweep")(), injection))
@@ -71,6 +73,12 @@ def run(workdir: str, experiment: str = "synthetic",
     config = gin.operative_config_str()
     runs = [Run(program, job_dir, overwrite=FLAGS.overwrite, config_text=config,
                 show_progress=FLAGS.progress) for job_dir, program in jobs]
+    if FLAGS.dry_run:
+        for job in runs:
+            action = "resume" if job.resuming else "start"
+            print(f"dry run: would {action} {job.workdir}: {type(job.program).__name__}, "
+                  f"{len(job.steps) - 1} records to step {job.steps[-1]}")
+        return
     for job in runs:
         if not job.execute():
             sys.exit(0)  # Preempted: a re-run resumes.

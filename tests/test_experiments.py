@@ -22,11 +22,15 @@ FEW_STEPS = {  # Bindings that cut every kind of run to a few steps.
     "lm": ["LmTrain.num_steps = 4", "LmTrain.record_every = 2", "LmTrain.warmup_steps = 1",
            "LmTrain.checkpoint_every = 4", "LmTrain.eval_instances = 64"],
 }
-# The levers runs pack up to 84 models each; tests/test_levers_study.py runs a miniature of
-# that study in the default suite, so their few-step runs are kept for `pytest -m slow`.
-CPU_JOBS = [pytest.param(j, id=j.name, marks=[pytest.mark.slow] * j.name.startswith("levers"))
-            for j in sorted({j for s in studies.STUDIES for j in s.cpu if j.config},
-                            key=lambda j: j.name)]
+# Synthetic configs whose few-step runs only compile more width groups (up to 84 models, or
+# 32 widths) along code paths the default config's run takes: `pytest -m slow` runs them, the
+# default suite checks them with `--dry_run` (tests/test_levers_study.py runs a miniature of
+# the levers study).
+COMPILE_HEAVY = {"levers", "levers_replay", "levers_schedule", "rank1", "complexity",
+                 "phase_beta", "long_horizon"}
+JOBS = sorted({j for s in studies.STUDIES for j in s.cpu if j.config}, key=lambda j: j.name)
+CPU_JOBS = [pytest.param(j, id=j.name, marks=[pytest.mark.slow] * (j.name in COMPILE_HEAVY))
+            for j in JOBS]
 
 
 def few_step_bindings(job) -> list[str]:
@@ -57,6 +61,19 @@ def test_every_cpu_config_runs_a_few_steps(tmp_path, job):
     run_dirs = ([d for d in (tmp_path / job.name).iterdir() if d.is_dir()] if job.grid
                 else [tmp_path / job.name])
     assert any(grid_report.finished(str(d)) for d in run_dirs)
+
+
+@pytest.mark.parametrize("job", [j for j in JOBS if j.name in COMPILE_HEAVY],
+                         ids=lambda j: j.name)
+def test_compile_heavy_configs_pass_a_dry_run(tmp_path, job):
+    """Every input of the config is checked (a grid: its base config) and nothing is written."""
+    result = subprocess.run(
+        [sys.executable, "-m", "rareret.main", f"--gin_file=experiments/{job.config}",
+         f"--workdir={tmp_path / job.name}", "--dry_run"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"dry run: would start {tmp_path / job.name}" in result.stdout
+    assert not (tmp_path / job.name).exists()
 
 
 RANK1 = """include '{repo}/gin_configs/synthetic/rank1.gin'

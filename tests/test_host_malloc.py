@@ -1,5 +1,6 @@
 """After `reuse_freed_memory`, a worker thread that allocates, touches and frees a large block
-again and again stops taking fresh page faults (glibc reuses the block instead of unmapping it).
+again and again stops taking fresh page faults (glibc reuses the block instead of unmapping it),
+and `release_free_memory` gives a freed block's pages back.
 Each case runs in a fresh interpreter, since malloc settings are process-wide."""
 
 import subprocess
@@ -42,3 +43,29 @@ def test_freed_blocks_are_reused_without_page_faults():
     pages = 96 * 2**20 // 4096
     assert faults_per_reuse("default") > pages // 2  # Fresh pages on every allocation.
     assert faults_per_reuse("reuse") < pages // 20
+
+
+RELEASE_PROBE = """
+import ctypes, ctypes.util
+from rareret import host_malloc
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+assert host_malloc.reuse_freed_memory()
+block = libc.malloc(96 * 2**20)
+ctypes.memset(block, 1, 96 * 2**20)
+libc.free(block)  # Kept resident: glibc no longer trims.
+kept = rss_mb()
+host_malloc.release_free_memory()
+print(kept - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_release_free_memory_returns_the_freed_pages():
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True,
+                         check=True)
+    assert float(out.stdout) > 80  # MB of the freed 96 MiB block.

@@ -4,18 +4,49 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from rareret.analysis import phase, report
 from rareret.run import Run
-from rareret.synthetic import sweep
+from rareret.synthetic import model, sweep
 from rareret.synthetic.spec import Sweep, TaskMixture
 
 
 def run(tmp_path, mixture, spec):
     Run(sweep.SweepProgram(mixture, spec), str(tmp_path), show_progress=False).execute()
     return phase.SyntheticRun.load(str(tmp_path))
+
+
+def test_a_chunk_trains_each_step_on_that_steps_batch():
+    """A chunk's steps (each step's targets taken from the inputs carried into it) equal steps
+    taken one at a time on `batch(step)`, up to float32 reordering: every model, two streams."""
+    mixture = TaskMixture(num_tasks=5, task_dim=3, input_dim=24, beta=1.0)
+    spec = Sweep(widths=(2, 7), seeds=(0, 1), rare_multiplier=(1.0, 4.0), batch_size=64,
+                 num_steps=6, record_every=6, warmup_steps=2, tile_size=8)
+    program = sweep.SweepProgram(mixture, spec)
+
+    @jax.jit
+    def step(state, t):
+        x_BxD, y_SxBxT, task_SxB = program.batch(t)
+        tiles = jax.vmap(lambda task_B: model.task_tiles(
+            task_B, mixture.num_tasks, spec.tile_size))(task_SxB)
+        losses_M, grads = program.gradients(state, x_BxD, y_SxBxT, tiles)
+        rare_S = jax.numpy.sum(task_SxB == program.rare_task, axis=1)
+        return program._apply_updates(state, losses_M, grads), losses_M, rare_S
+
+    state, losses, rare = program.init(), [], []
+    for t in range(spec.num_steps):
+        state, losses_M, rare_S = step(state, t)
+        losses.append(losses_M)
+        rare.append(rare_S)
+    chunk = program.train(program.init(), 0, spec.num_steps)
+    np.testing.assert_allclose(chunk["train_loss"], np.mean(losses, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        chunk["rare_rate"], np.mean(rare, axis=0)[program.stream_M] / spec.batch_size, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(chunk["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_phase_diagram_matches_theorem3(tmp_path):

@@ -148,6 +148,17 @@ def test_batch_shapes_dtypes_and_sorted_tasks():
     assert task.min() >= 0 and task.max() < MIX.num_tasks
 
 
+@pytest.mark.parametrize("seed,step,shape", [(0, 0, (1024, 1024)), (7, 123456, (96, 20)),
+                                             (2 ** 31 - 1, 2 ** 31 - 1, (1, 3))])
+def test_inputs_are_jax_random_normal_bit_for_bit(seed, step, shape):
+    """x is jax.random.normal's draw, every bit: only the hash's lowering is tasks.py's own."""
+    key = tasks.batch_key(seed, step)
+    expected = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32))
+    jitted = jax.jit(tasks.sample_inputs, static_argnums=(1, 2))(key, *shape)
+    for x in (jitted, tasks.sample_inputs(key, *shape)):
+        np.testing.assert_array_equal(np.asarray(x).view(np.uint32), expected.view(np.uint32))
+
+
 def test_inputs_are_standard_normal():
     x, _, _ = _batch(MIX, 0, 0, batch_size=50_000)
     assert abs(x.mean()) < 4 / np.sqrt(x.size)

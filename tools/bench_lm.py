@@ -2,6 +2,20 @@
 
     python tools/bench_lm.py [--model cpu-small] [--seq-len 128] [--batch 16] [--reps 7]
     python tools/bench_lm.py --device gpu [--models 20M 300M] [--seq-len 1024] [--batch 32]
+    python tools/bench_lm.py --memory --model 300M [--devices 4] [--mesh fsdp|tensor]
+        [--batch 4] [--seq-len 256] [--records 4] [--record-every 1]
+
+Memory mode (issue #16 item 7: peak ≤ 1.25 × budget + 1 GB, flat over records and saves): a
+run of `--model` with olmo_300m.gin's settings on a `.npy` of random tokens, through `Run` as
+the CLI runs it, with a record and a checkpoint every `--record-every` steps; on CPU over
+`--devices` forced host devices. Per phase (the 1-device step compiled for the budget, init,
+each record, the step's compile, each chunk of steps, each checkpoint): peak host RSS (VmHWM,
+reset through /proc/self/clear_refs at the phase's start), RSS after it, and the devices' peak
+memory where they report it (not on CPU). Budget = params + grads (as params) + optimiser state
+(bytes of the state's pytrees) + one step's activations, taken as the 1-device train step's
+compiled temporaries (`memory_analysis().temp_size_in_bytes`) less the gradients among them;
+so one budget serves every mesh. Also prints the peaks of the record-to-record cycles after the
+first checkpoint (their spread: the drift).
 
 CPU mode (issue goal: rareret ≥ 1.5× the PyTorch loop). Both sides train the same model from the
 same initial weights on the same fixed batch of random tokens [B, L], in this one process:
@@ -22,8 +36,8 @@ inherit` keeps the environment's policy). After a warm-up (compilation, first st
 block_until_ready), then the GEMM probes below; every figure is the median over repetitions.
 The first-step losses of the two sides are printed: equal, they show that both train the same
 model on the same batch. Like the CLI's LM runs, the process first sets glibc malloc to reuse
-freed memory (`rareret.host_malloc`); torch allocates through the same malloc, so both sides run
-under it.
+freed memory (`rareret.host_malloc`; torch allocates through the same malloc, so both sides run
+under it) and XLA's CPU scheduler to save memory (`train.schedule_for_memory`).
 
 GPU mode (issue goal: MFU ≥ 45% at 300M on an H100): rareret alone, at the `--models` rungs
 (default 20M and 300M) with bfloat16 compute (float32 params and optimiser state) and cuDNN flash
@@ -42,7 +56,7 @@ against the device's nominal dense peak is printed as well when the device is kn
 
 Prints `uptime` first, a table, then (last) one JSON line with `speedup_vs_hf_torch` (rareret
 tokens/s ÷ PyTorch tokens/s; null in GPU mode) and `mfu` (rareret's MFU; in GPU mode a dict by
-rung).
+rung); in memory mode, the budget, bound, peak and every phase.
 """
 
 from __future__ import annotations
@@ -362,7 +376,163 @@ def gpu_mode(args) -> dict:
             "runs": results, "seq_len": args.seq_len, "batch": args.batch, "device": kind}
 
 
+# ----------------------------------------------------------------------------- memory mode
+
+GB = 1e9
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+class PhaseMemory:
+    """Per phase of this process: peak host RSS (VmHWM, reset to VmRSS through
+    /proc/self/clear_refs when the phase starts), RSS after it, and the devices' peak memory
+    (`memory_stats()["peak_bytes_in_use"]`; None where a device has no stats, as on CPU)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def measure(self, name: str, fn):
+        """`fn()`, waited for, measured as phase `name`."""
+        import jax
+
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        stats = [d.memory_stats() for d in jax.local_devices()]
+        device = sum(s["peak_bytes_in_use"] for s in stats) if all(stats) else None
+        self.rows.append({"phase": name, "peak_gb": _status_kb("VmHWM") * 1024 / GB,
+                          "rss_after_gb": _status_kb("VmRSS") * 1024 / GB,
+                          "device_peak_gb": None if device is None else device / GB,
+                          "seconds": time.perf_counter() - start})
+        return out
+
+
+def _tree_bytes(tree) -> int:
+    import jax
+
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def memory_spec(args, directory: str) -> LmTrain:
+    """olmo_300m.gin's settings (bfloat16 compute, remat, a T_CMP task at 2.4e-6 per token,
+    FSDP over every device, or with `--mesh tensor` tensor parallelism) at rung `--model`, B × L from the flags, 16 eval instances, a
+    record and a checkpoint every `--record-every` steps, on a `.npy` of random tokens written
+    into `directory`."""
+    import numpy as np
+
+    from rareret.lm import inject
+    from rareret.lm.ladder import PAPER_VOCAB
+
+    steps = args.records * args.record_every
+    vocab = PAPER_VOCAB - 24  # OLMo's 50,280, padded to 50,304 by the model.
+    tokens = np.random.default_rng(0).integers(
+        1, vocab, size=(steps * args.batch + 64) * args.seq_len, dtype=np.uint16)
+    path = os.path.join(directory, "tokens.npy")
+    np.save(path, tokens)
+    return LmTrain(model=args.model, compute_dtype="bfloat16", remat=not args.no_remat,
+                   data=path, vocab_size=vocab, eos_id=0, seq_len=args.seq_len,
+                   global_batch=args.batch, num_steps=steps, warmup_steps=1,
+                   record_every=args.record_every, checkpoint_every=args.record_every,
+                   eval_instances=16,
+                   tasks=(inject.TaskSpec(kind="cmp", name="cmp", frequency_per_token=2.4e-6),),
+                   mesh=MeshSpec(data=1, fsdp=-1) if args.mesh == "fsdp"
+                   else MeshSpec(data=1, fsdp=1, tensor=-1))
+
+
+def step_memory(model, batch_dtype) -> dict:
+    """The `memory_analysis()` (bytes) of `model`'s (an `LmModel`) compiled train step; the
+    compiled step is cached, so training reuses it."""
+    import jax
+
+    spec = model.spec
+    batch = jax.ShapeDtypeStruct((spec.global_batch, spec.seq_len), batch_dtype,
+                                 sharding=model.batch_sharding)
+    stats = model.traced(lambda: model.train_step.lower(model.abstract_state(), batch)
+                         .compile()).memory_analysis()
+    return {name: getattr(stats, f"{name}_size_in_bytes")
+            for name in ("argument", "output", "alias", "temp")}
+
+
+def memory_mode(args) -> dict:
+    """Runs `memory_spec` through `Run`, as the CLI does, with every phase measured."""
+    import tempfile
+
+    import jax
+
+    from rareret import sharding
+    from rareret.lm import train
+    from rareret.run import Run
+
+    memory = PhaseMemory()
+    with tempfile.TemporaryDirectory() as directory:
+        spec = memory_spec(args, directory)
+        program = train.LmProgram(spec)
+        batch_dtype = program.injector.inject(program.dataset[0], 0)[0].dtype
+        # The budget's activations come from one device's step: one budget for every mesh.
+        one_device = train.LmModel(spec, program.model.config.vocab_size,
+                                   sharding.make_mesh(MeshSpec(), jax.devices()[:1]))
+        budget_step = memory.measure("compile (1 device, for the budget)",
+                                     lambda: step_memory(one_device, batch_dtype))
+        run = Run(program, os.path.join(directory, "run"), show_progress=False)
+        for name, phase in (("init", "init"), ("train", "step"), ("record", "record")):
+            setattr(program, name, lambda *a, method=getattr(program, name), phase=phase:
+                    memory.measure(phase, lambda: method(*a)))
+        run.start()
+        step = memory.measure("compile", lambda: step_memory(program.model, batch_dtype))
+        save = run.checkpoints.save
+        run.checkpoints.save = lambda *a: memory.measure("checkpoint", lambda: save(*a))
+        while not run.done:
+            run.advance()
+        run.finish()
+        run.close()
+        state = run.state["model"]
+    params, opt = _tree_bytes(state["params"]), _tree_bytes(state["opt_state"])
+    # One step's activations: the step's temporaries less the gradients they hold.
+    activations = max(budget_step["temp"] - params, 0)
+    budget = 2 * params + opt + activations
+    bound = 1.25 * budget + GB
+    rows = memory.rows
+    peak = max(r["peak_gb"] for r in rows) * GB
+    # Stability: the peaks of the cycles (steps, record, checkpoint) after the first one.
+    saves = [i for i, r in enumerate(rows) if r["phase"] == "checkpoint"]
+    cycles = [max(r["peak_gb"] for r in rows[a + 1:b + 1]) for a, b in zip(saves, saves[1:])]
+    drift = max(cycles) - min(cycles) if cycles else 0.0
+    print(f"\nmodel {args.model} ({program.model.config.d_model} wide, "
+          f"{program.model.config.n_layers} layers, remat {spec.remat}), B={spec.global_batch}, "
+          f"L={spec.seq_len}, {jax.device_count()} {jax.default_backend()} device(s) "
+          f"({args.mesh} mesh {dict(program.mesh.shape)}), a "
+          f"record and a checkpoint every {spec.record_every} steps")
+    print(f"budget {budget / GB:.3f} GB = params {params / GB:.3f} + grads {params / GB:.3f} + "
+          f"optimiser {opt / GB:.3f} + activations {activations / GB:.3f} (1-device step temp "
+          f"{budget_step['temp'] / GB:.3f} − grads); bound 1.25 × budget + 1 GB = "
+          f"{bound / GB:.3f} GB")
+    print(f"this mesh's step: arguments {step['argument'] / GB:.3f} GB, temp "
+          f"{step['temp'] / GB:.3f} GB per device")
+    print(f"\n{'phase':<36} {'peak RSS GB':>11} {'RSS after':>9} {'device GB':>9} {'s':>7}")
+    for r in rows:
+        device = "-" if r["device_peak_gb"] is None else f"{r['device_peak_gb']:.3f}"
+        print(f"{r['phase']:<36} {r['peak_gb']:11.3f} {r['rss_after_gb']:9.3f} {device:>9} "
+              f"{r['seconds']:7.1f}")
+    print(f"peak {peak / GB:.3f} GB = {peak / budget:.2f} × budget; bound {bound / GB:.3f} GB: "
+          f"{'within' if peak <= bound else 'OVER'}; peaks of the cycles after the first "
+          f"checkpoint: {' '.join(f'{c:.3f}' for c in cycles)} GB (drift {drift:.3f})")
+    return {"model": args.model, "devices": jax.device_count(), "mesh": args.mesh,
+            "batch": spec.global_batch,
+            "seq_len": spec.seq_len, "remat": spec.remat, "params_gb": params / GB,
+            "opt_state_gb": opt / GB, "activations_gb": activations / GB,
+            "budget_gb": budget / GB, "bound_gb": bound / GB, "peak_gb": peak / GB,
+            "within_bound": peak <= bound, "cycle_peaks_gb": cycles, "drift_gb": drift,
+            "phases": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                       for r in rows]}
+
+
 def main() -> None:
+    from rareret.lm.train import schedule_for_memory
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--model", default="cpu-small", help="ladder rung (CPU mode)")
@@ -379,21 +549,37 @@ def main() -> None:
                         default="passive",
                         help="OMP_WAIT_POLICY for torch's OpenMP pool; 'inherit' leaves the "
                              "environment's (see the docstring)")
+    parser.add_argument("--memory", action="store_true",
+                        help="memory mode: peak memory per phase of a run of --model")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="memory mode on CPU: forced host devices (XLA_FLAGS)")
+    parser.add_argument("--records", type=int, default=4,
+                        help="memory mode: records (and checkpoints) after step 0")
+    parser.add_argument("--record-every", type=int, default=1,
+                        help="memory mode: steps between records and checkpoints")
+    parser.add_argument("--no-remat", action="store_true", help="memory mode: remat off")
+    parser.add_argument("--mesh", choices=("fsdp", "tensor"), default="fsdp",
+                        help="memory mode: shard over every device by FSDP or tensor axes")
     args = parser.parse_args()
     gpu = args.device == "gpu"
-    args.seq_len = args.seq_len or (1024 if gpu else 128)
-    args.batch = args.batch or (32 if gpu else 16)
+    args.seq_len = args.seq_len or (256 if args.memory else 1024 if gpu else 128)
+    args.batch = args.batch or (4 if args.memory else 32 if gpu else 16)
     args.steps = args.steps or (10 if gpu else 5)
     print(uptime(), flush=True)
     # As the CLI's LM runs do, before JAX and torch start threads; both sides run under it.
     print(f"glibc malloc set to reuse freed memory: {host_malloc.reuse_freed_memory()}")
+    schedule_for_memory()  # Also as the CLI's LM runs do.
     if not gpu:  # Before jax and torch are imported.
         os.environ["JAX_PLATFORMS"] = "cpu"
+        if args.memory and args.devices > 1:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                       f"platform_device_count={args.devices}")
         if args.omp_wait_policy != "inherit":
             os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
         args.cpus = len(pin_cpus(args.cpus))
         args.torch_threads = args.torch_threads or args.cpus
-    summary = gpu_mode(args) if gpu else cpu_mode(args)
+    summary = (memory_mode(args) if args.memory else gpu_mode(args) if gpu
+               else cpu_mode(args))
     print(json.dumps(summary))
 
 

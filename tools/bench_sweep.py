@@ -1,10 +1,13 @@
 """Throughput of the packed width sweep against per-model JAX and PyTorch loops, on CPU.
 
     python tools/bench_sweep.py [--seed_counts=1,4] [--reps=7] [--widths=2,4,8,16,32,64]
+    python tools/bench_sweep.py --paper --methods=packed   # the paper's shapes, packed only
 
 The default shapes are the ones the issue names: the default config's mixture and batch
 (gin_configs/synthetic/default.gin: K=16 tasks, d_T=16, D=256, B=512, lr 3e-3, 1000 warm-up
-steps) with widths 2, 4, …, 64, at 1 and 4 seeds. Three methods train the same models:
+steps) with widths 2, 4, …, 64, at 1 and 4 seeds. `--paper` takes the paper's instead
+(gin_configs/synthetic/paper_phase.gin: K=32, d_T=32, D=1024, B=1024, β=2, lr 1e-3, widths
+2…256); it overrides the shape flags. `--methods` picks which of three methods train the models:
 
   packed      `SweepProgram.train_chunk`: every model of the sweep in one jitted loop over steps.
   jax loop    one jitted single-model `SweepProgram` per width, run model after model.
@@ -53,6 +56,10 @@ except ImportError:  # The optional extra `torch`; without it the torch loop is 
 
 GEMM_FLOPS_PER_TIMING = 2e10  # GEMM work per rate measurement (a fraction of a second on CPU).
 METHODS = ("packed", "jax loop", "torch loop")
+# gin_configs/synthetic/paper_phase.gin's shapes (tests/test_bench_sweep.py checks they agree).
+PAPER = {"widths": (2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256), "num_tasks": 32, "task_dim": 32,
+         "input_dim": 1024, "batch_size": 1024, "beta": 2.0, "learning_rate": 1e-3,
+         "warmup_steps": 1000}
 
 
 def useful_flops(sweep: Sweep, mixture: TaskMixture) -> float:
@@ -196,20 +203,26 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def add_shape_flags(parser: argparse.ArgumentParser) -> None:
     """The benchmark's mixture and sweep shapes (the issue's: see the module docstring)."""
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's shapes (paper_phase.gin); overrides the shape flags")
     parser.add_argument("--widths", type=int_list, default=(2, 4, 8, 16, 32, 64))
     parser.add_argument("--num_tasks", type=int, default=16)
     parser.add_argument("--task_dim", type=int, default=16)
     parser.add_argument("--input_dim", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--beta", type=float, default=1.5, help="task prior exponent")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--warmup_steps", type=int, default=1000)
 
 
 def specs(args: argparse.Namespace, seed_counts) -> tuple[TaskMixture, dict]:
-    """The mixture and one sweep per seed count; a bad value exits with one line."""
+    """The mixture and one sweep per seed count; a bad value exits with one line. With
+    `--paper` set, `args` takes the paper's shapes first."""
+    if args.paper:
+        vars(args).update(PAPER)
     try:
         mixture = TaskMixture(num_tasks=args.num_tasks, task_dim=args.task_dim,
-                                    input_dim=args.input_dim, beta=1.5, alpha=2.0)
+                                    input_dim=args.input_dim, beta=args.beta, alpha=2.0)
         sweeps = {n: Sweep(widths=args.widths, seeds=tuple(range(n)),
                                      learning_rate=args.learning_rate,
                                      warmup_steps=args.warmup_steps, batch_size=args.batch_size)
@@ -227,11 +240,23 @@ def encoder_gemm(sweep: Sweep, mixture: TaskMixture) -> Gemm:
     return Gemm(sweep.batch_size, mixture.input_dim, total_width)
 
 
+def method_list(text: str) -> tuple[str, ...]:
+    """`--methods`: names with "_" for " ", kept in METHODS' order; "packed" is required."""
+    names = {name.strip().replace("_", " ") for name in text.split(",")}
+    if not names <= set(METHODS) or "packed" not in names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected packed plus any of jax_loop, torch_loop")
+    return tuple(m for m in METHODS if m in names)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_flags(parser)
     parser.add_argument("--seed_counts", type=int_list, default=(1, 4),
                         help="seeds per width; each count is its own sweep")
+    parser.add_argument("--methods", type=method_list, default=METHODS,
+                        help="comma-separated, of: " + ", ".join(m.replace(" ", "_")
+                                                              for m in METHODS))
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of every method")
     parser.add_argument("--chunk", type=int, default=200, help="steps per packed timing")
     parser.add_argument("--loop_chunk", type=int, default=50,
@@ -253,15 +278,17 @@ def main() -> None:
     if os.getloadavg()[0] > os.cpu_count():
         print(f"warning: load above {os.cpu_count()} CPUs; timings are unreliable, torch's OpenMP "
               f"threads most of all (try --torch_threads=1)")
+    run_torch = torch is not None and "torch loop" in args.methods
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
           + (f"torch {torch.__version__} with torch.set_num_threads({args.torch_threads})"
              if torch else "torch not installed: torch loop skipped"))
     print(f"shapes: K={mixture.num_tasks} d_T={mixture.task_dim} D={mixture.input_dim} "
-          f"B={args.batch_size} widths={list(args.widths)} seeds={counts}; per rep: packed "
-          f"{args.chunk} steps, jax loop {args.loop_chunk} and torch loop {args.torch_steps} "
-          f"steps per model; {args.reps} reps", flush=True)
+          f"B={args.batch_size} widths={list(args.widths)} seeds={counts}; methods "
+          f"{', '.join(args.methods)}; per rep: packed {args.chunk} steps, jax loop "
+          f"{args.loop_chunk} and torch loop {args.torch_steps} steps per model; {args.reps} reps",
+          flush=True)
 
-    if torch:
+    if run_torch:
         torch.set_num_threads(args.torch_threads)
     setup_s = {}
 
@@ -273,18 +300,21 @@ def main() -> None:
 
     batch, dim = args.batch_size, mixture.input_dim
     packed = built("packed", lambda: {n: Packed(mixture, sweeps[n], args.chunk) for n in counts})
-    jax_loop = built("jax loop", lambda: JaxLoop(mixture, largest, args.loop_chunk))
-    torch_loop = (built("torch loop", lambda: TorchLoop(mixture, largest, args.torch_steps))
-                  if torch else None)
+    loops = []
+    if "jax loop" in args.methods:
+        loops.append(("jax loop", built("jax loop",
+                                        lambda: JaxLoop(mixture, largest, args.loop_chunk))))
+    if run_torch:
+        loops.append(("torch loop", built("torch loop", lambda: TorchLoop(
+            mixture, largest, args.torch_steps))))
     gemms = built("gemm", lambda: {n: encoder_gemm(sweeps[n], mixture) for n in counts})
     square = built("square gemm", lambda: Gemm(1024, 1024, 1024))
     print("init, compile and warm-up (s): "
           + ", ".join(f"{name} {s:.1f}" for name, s in setup_s.items()), flush=True)
 
-    seconds = {(method, n): [] for method in METHODS for n in counts}
+    seconds = {(method, n): [] for method in args.methods for n in counts}
     rates = {n: [] for n in counts}
     square_rates = []
-    loops = [("jax loop", jax_loop)] + ([("torch loop", torch_loop)] if torch else [])
     for _ in range(args.reps):
         for n in counts:
             seconds["packed", n].append(packed[n].run())
@@ -305,7 +335,7 @@ def main() -> None:
         flops = useful_flops(sweeps[n], mixture)
         suffix = "" if n == counts[-1] else f"_{n}seed"
         packed_s = step_s["packed", n]
-        for method in METHODS:
+        for method in args.methods:
             s = step_s[method, n]
             name = method.replace(" ", "_")
             if s is None:
@@ -334,8 +364,9 @@ def main() -> None:
         "gemm_gflops_square_1024": round(square_rate / 1e9, 2),
         "gemm_fraction_denominator": "XLA CPU GEMM [B, D] @ [D, sum of the sweep's widths]",
         "sweep_steps_per_s": rows, "seeds": counts[-1], "widths": list(args.widths),
-        "torch": torch.__version__ if torch else None,
-        "torch_threads": args.torch_threads if torch else None,
+        "methods": [m.replace(" ", "_") for m in args.methods],
+        "torch": torch.__version__ if run_torch else None,
+        "torch_threads": args.torch_threads if run_torch else None,
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
         "wall_s": round(time.perf_counter() - wall_start, 1)})
     print(json.dumps(summary))

@@ -1,14 +1,16 @@
 """Where a packed sweep-step's time goes: XLA's executed instructions, grouped by stage.
 
     python tools/profile_sweep.py [--seeds=4] [--steps=100] [bench_sweep.py's shape flags]
+    python tools/profile_sweep.py --paper --seeds=1 --steps=20   # the paper's shapes
 
 Traces --steps training steps of the packed sweep at bench_sweep.py's shapes (by default K=16,
-d_T=16, D=256, B=512, widths 2…64) with jax.profiler and sums the time of every executed HLO
-instruction by the named scope of the code that emitted it: `batch` (inputs, task ids, targets,
-task tiles), `encoder` (the packed encoder GEMM and its weight gradient), `decoder` (task tiles,
-decoder GEMMs, loss), `optimizer` (clipping, AdamW, divergence checks). Backward instructions
-carry the scope of their forward pass; instructions with none are XLA's own copies. Loop and
-branch instructions are not counted (their bodies are).
+d_T=16, D=256, B=512, widths 2…64; `--paper`: K=32, d_T=32, D=1024, B=1024, widths 2…256) with
+jax.profiler and sums the time of every executed HLO instruction by the named scope of the code
+that emitted it: `batch` (inputs, task ids, targets, task tiles), `encoder` (the packed encoder
+GEMM and its weight gradient), `decoder` (task tiles, decoder GEMMs, loss), `optimizer` (clipping,
+AdamW, divergence checks). Backward instructions carry the scope of their forward pass;
+instructions with none are XLA's own copies. Loop and branch instructions are not counted (their
+bodies are).
 
 Busy time is measured under the tracer (which slows the step; both wall times are printed) and
 sums both cores, so it can exceed the wall time. The last column estimates the gemm_fraction

@@ -132,7 +132,8 @@ class LmMeasurements:
         jit = functools.partial(jax.jit, out_shardings=self.replicated)
         self._label_sums = jit(functools.partial(evaluation.label_sums, config))
         self._ablated_sum = jit(functools.partial(evaluation.label_loss_sum_without_mlp, config))
-        self._text_loss = jit(functools.partial(lm_model.next_token_loss, config))
+        self._token_losses = jit(functools.partial(lm_model.token_losses, config))
+        self._mean = jit(jnp.mean)
         self._answer_loss = jit(functools.partial(_answer_loss, config))
         self._hidden = jit(lambda params, tokens: jnp.stack(
             lm_model.apply_with_hidden(config, params, tokens)[1]))
@@ -171,8 +172,7 @@ class LmMeasurements:
                 _, correct, count = self._sums(self._label_sums, params, self.test_sets[k],
                                                np.ones(len(self.test_sets[k])))
             accuracies.append(evaluation.mean(correct, count))
-        val = (self._text_loss(params, self.held_out_BxL) if len(self.held_out_BxL)
-               else jnp.float32(jnp.nan))
+        val = self._val_loss(params) if len(self.held_out_BxL) else jnp.float32(jnp.nan)
         row = {"val_loss": val, "task_loss": _stack(losses), "task_accuracy": _stack(accuracies)}
         if self.template_batches is not None:
             row["reference_loss"] = _stack([self._answer_loss(params, *self.template_batches[n])
@@ -180,6 +180,14 @@ class LmMeasurements:
         if probes_now:
             row.update(self._representations(params, injected, class_means))
         return row
+
+    def _val_loss(self, params) -> jax.Array:
+        """Mean next-token loss of the held-out sequences, taken `global_batch` sequences at a
+        time: a record then holds no more logits than a training step."""
+        rows = self.spec.global_batch
+        return self._mean(jnp.concatenate([
+            self._token_losses(params, self.held_out_BxL[i:i + rows])
+            for i in range(0, len(self.held_out_BxL), rows)]))
 
     # ------------------------------------------------------------------------ representations
 

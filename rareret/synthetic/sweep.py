@@ -5,8 +5,10 @@ rare-task multiplier × update rule) in one jitted program, run by `rareret.run.
 `fori_loop`, so irregular record schedules never recompile), exact population metrics, and
 per-task gradient interference. All models see the same inputs; each (gap, rare multiplier,
 update rule) gets its own stream of task ids over those inputs (streams that differ only in
-the update rule draw the same ids). The specs are in `rareret.synthetic.spec`, the arrays it
-records in `rareret.synthetic.records`.
+the update rule draw the same ids). The model copies of every width group (seeds × learning
+rates) are split over the devices of a mesh (`model_mesh`); each device runs the same packed
+program on its share and draws the shared batch itself. The specs are in
+`rareret.synthetic.spec`, the arrays it records in `rareret.synthetic.records`.
 
 Shapes (docs/method.md "Shape letters"): B batch, D input dim, K tasks, T task dim, M models,
 G width groups, C models (copies) per group, S streams, Y injection cycles.
@@ -14,6 +16,7 @@ G width groups, C models (copies) per group, S streams, Y injection cycles.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from rareret import interference
 from rareret.blas_threads import single_threaded_blas
@@ -32,6 +35,9 @@ from rareret.run import Program
 from rareret.synthetic import aggregators, model, optim, records, tasks, theory
 from rareret.synthetic.spec import (UPDATE_RULES, Injection, Sweep, TaskMixture,
                                     multiplied_priors, rarest_task)
+
+COPIES_AXIS = "copies"  # The mesh axis a sweep's model copies are split over.
+GROUPED_STATE = ("params", "opt_state")  # State entries held per width group, copy axis first.
 
 
 class SweepProgram(Program):
@@ -44,7 +50,8 @@ class SweepProgram(Program):
     """
 
     def __init__(self, mixture: TaskMixture, sweep: Sweep,
-                 injection: Injection | None = None):
+                 injection: Injection | None = None, devices=None):
+        """`devices`: where the sweep's model copies are split (`model_mesh`; default all)."""
         if injection:
             injection.check_against(mixture, sweep.batch_size)
         sweep.check_against(mixture, injection)
@@ -70,8 +77,6 @@ class SweepProgram(Program):
                                   "learning_rate": np.array([g[3] for g in grid], np.float32)})
         self.group_rules = tuple(rule for _, _, rule in self.streams for _ in sweep.widths)
         self.aggregates = any(rule != "adamw" for rule in self.group_rules)
-        self.stream_M = np.repeat(np.arange(len(self.streams)),
-                                  len(sweep.widths) * self.layout.copies)
         priors_K = mixture.prior_array()
         self.rare_task = injection.rare(mixture) if injection else rarest_task(priors_K)
         self.frequent_K = np.isin(np.arange(mixture.num_tasks), theory.frequent_tasks(priors_K))
@@ -82,16 +87,22 @@ class SweepProgram(Program):
         self.learning_rate_M = jnp.asarray(self.model_coords["learning_rate"])
         self._streams = self._stream_tables()
         self.checkpoint_every = sweep.checkpoint_every
-        # One copy of the sweep per process (on its first device), so that every process of a
-        # multi-process run holds the same global state and writes its part of a checkpoint.
-        self.replicated = NamedSharding(
-            Mesh(np.array([jax.local_devices(process_index=p)[0]
-                           for p in range(jax.process_count())]), ("process",)),
-            PartitionSpec())
-        self.train_chunk = jax.jit(self._train_chunk, donate_argnums=0,
-                                   out_shardings=self.replicated)
-        self.evaluate = jax.jit(self._evaluate, out_shardings=self.replicated)
-        self.interference = jax.jit(self._interference, out_shardings=self.replicated)
+        self.mesh = model_mesh(self.layout.copies, devices)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        by_copy = NamedSharding(self.mesh, PartitionSpec(COPIES_AXIS))
+
+        def placed(name, leaves):  # Parameters and optimiser state split; [M] arrays whole.
+            sharding = by_copy if name in GROUPED_STATE else self.replicated
+            return jax.tree.map(lambda _: sharding, leaves)
+
+        self.state_shardings = {name: placed(name, leaves)
+                                for name, leaves in jax.eval_shape(self._init_state).items()}
+        self.train_chunk = jax.jit(self._sharded_train_chunk, donate_argnums=0,
+                                   out_shardings=self.state_shardings)
+        self.evaluate = jax.jit(self._on_copies(SweepProgram._evaluate),
+                                out_shardings=self.replicated)
+        self.interference = jax.jit(self._on_copies(SweepProgram._interference),
+                                    out_shardings=self.replicated)
 
     def _stream_tables(self):
         """Per stream: task priors, gap and injection counts per cycle (host-computed, exact).
@@ -147,7 +158,13 @@ class SweepProgram(Program):
     def init(self) -> dict:
         """The state of every model: params, optimiser state (each from key (seed, width)),
         the `diverged` flags [M] and `train_loss` [M] (NaN)."""
-        return jax.jit(self._init_state, out_shardings=self.replicated)()
+        # Computed whole on one device of each process (every process gets the same values),
+        # then placed: XLA's CPU runtime can deadlock when several devices run LAPACK at once.
+        local = jax.device_get(jax.jit(self._init_state, out_shardings=SingleDeviceSharding(
+            jax.local_devices()[0]))())
+        return jax.tree.map(
+            lambda value, sharding: jax.make_array_from_callback(
+                value.shape, sharding, lambda index: value[index]), local, self.state_shardings)
 
     def _init_state(self) -> dict:
         keys_M = jnp.stack([jax.random.fold_in(jax.random.key(int(s)), int(w))
@@ -163,8 +180,68 @@ class SweepProgram(Program):
 
     def abstract_state(self) -> dict:
         return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
-            jax.eval_shape(self._init_state))
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            jax.eval_shape(self._init_state), self.state_shardings)
+
+    # ------------------------------------------------------------------ copies over devices
+
+    @property
+    def stream_M(self) -> np.ndarray:
+        """Stream of each model, [M]."""
+        return np.repeat(np.arange(len(self.streams)), len(self.sweep.widths) * self.layout.copies)
+
+    def _map_copies(self, fn, grouped, per_model, *args):
+        """`fn(shard, grouped, per_model, *args)` → (grouped, per_model) on each device's copies.
+
+        `grouped`: arrays with a leading copy axis (parameters, optimiser state), split over the
+        mesh's copies axis; `per_model`: arrays [M, ...], each device given its copies' rows;
+        `args`: the same on every device. `shard` is this program narrowed to one device's
+        copies (`_shard`); every device draws the whole shared batch itself.
+        """
+        groups, copies = self.layout.num_groups, self.layout.copies
+        by_copy, by_model = PartitionSpec(COPIES_AXIS), PartitionSpec(None, COPIES_AXIS)
+
+        def local(grouped, per_model_GxC, rates_GxC, *args):
+            as_rows = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), per_model_GxC)
+            grouped, rows = fn(self._shard(rates_GxC.reshape(-1)), grouped, as_rows, *args)
+            return grouped, jax.tree.map(lambda a: a.reshape(groups, -1, *a.shape[1:]), rows)
+
+        in_specs = (by_copy, by_model, by_model) + (PartitionSpec(),) * len(args)
+        grouped, per_model_GxC = jax.shard_map(
+            local, mesh=self.mesh, in_specs=in_specs, out_specs=(by_copy, by_model),
+            check_vma=False)(
+            grouped, jax.tree.map(lambda a: a.reshape(groups, copies, *a.shape[1:]), per_model),
+            self.learning_rate_M.reshape(groups, copies), *args)
+        return grouped, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), per_model_GxC)
+
+    def _shard(self, learning_rate_M):
+        """This program as one device runs it: its share of each group's copies, with their
+        learning rates [M / shards]."""
+        shard = copy.copy(self)
+        shard.layout = dataclasses.replace(
+            self.layout, copies=self.layout.copies // self.mesh.shape[COPIES_AXIS])
+        shard.learning_rate_M = learning_rate_M
+        return shard
+
+    def _sharded_train_chunk(self, state, num_steps, first_step):
+        """`_train_chunk` on each device's copies."""
+        grouped = {name: state[name] for name in GROUPED_STATE}
+        per_model = {name: value for name, value in state.items() if name not in GROUPED_STATE}
+
+        def chunk(shard, grouped, per_model, num_steps, first_step):
+            out = shard._train_chunk({**grouped, **per_model}, num_steps, first_step)
+            return {n: out[n] for n in grouped}, {n: out[n] for n in per_model}
+
+        grouped, per_model = self._map_copies(chunk, grouped, per_model, num_steps, first_step)
+        return {**grouped, **per_model}
+
+    def _on_copies(self, method):
+        """`method(program, params, *args)` → per-model arrays, run on each device's copies."""
+        def run(params, *args):
+            def local(shard, params, _, *args):
+                return (), method(shard, params, *args)
+            return self._map_copies(local, params, {}, *args)[1]
+        return run
 
     def train(self, state: dict, start: int, stop: int) -> dict:
         """The state after steps start … stop − 1 (`train_loss`: their mean loss per model)."""
@@ -220,9 +297,7 @@ class SweepProgram(Program):
             self._streams["priors_SxK"], self.rare_counts(step))
         if self.injection and self.injection.replay_after:
             x_BxD = self._replayed_inputs(step, x_BxD, task_SxB[0])
-        y_SxBxT = jax.vmap(lambda task_B: tasks.targets(x_BxD, task_B, self.sqrt_spectra_KxT))(
-            task_SxB)
-        return x_BxD, y_SxBxT, task_SxB
+        return x_BxD, tasks.stream_targets(x_BxD, task_SxB, self.sqrt_spectra_KxT), task_SxB
 
     def _replayed_inputs(self, step, x_BxD, task_B):
         """At a replay step, the rare rows' inputs are those of the rare rows of step − k,
@@ -245,22 +320,28 @@ class SweepProgram(Program):
         return jax.lax.cond(count > 0, replay, lambda: x_BxD)
 
     def _tiled_batch(self, step):
-        """Step `step`'s batch with each stream's task tiles: (x_BxD, y_SxBxT, tiles), and
-        with `Sweep.rare_multiplier` set each stream's rare-task examples [S]."""
+        """Step `step`'s inputs and task ids with each stream's task tiles: (x_BxD, task_SxB,
+        tiles), and with `Sweep.rare_multiplier` set each stream's rare-task examples [S]. The
+        targets are left to the step that trains on it (`_train_step`)."""
         with jax.named_scope("batch"):
-            x_BxD, y_SxBxT, task_SxB = self.batch(step)
+            x_BxD, _, task_SxB = self.batch(step)
             tiles = jax.vmap(lambda task_B: model.task_tiles(
                 task_B, self.mixture.num_tasks, self.sweep.tile_size))(task_SxB)
         if self.tracks_rare:
-            return x_BxD, y_SxBxT, tiles, jnp.sum(task_SxB == self.rare_task, axis=1)
-        return x_BxD, y_SxBxT, tiles
+            return x_BxD, task_SxB, tiles, jnp.sum(task_SxB == self.rare_task, axis=1)
+        return x_BxD, task_SxB, tiles
 
     def _train_step(self, step, carry):
         state, sums, batch = carry
         # The next batch does not depend on this step, so XLA's CPU runtime generates it while
         # this step's small decoder ops run.
         upcoming = self._tiled_batch(step + 1)
-        losses_M, grads = self.gradients(state, *batch[:3])
+        x_BxD, task_SxB, tiles = batch[:3]
+        # Targets read the inputs carried in from the last step: taken where x is drawn, XLA
+        # fuses the draw into their gather too, splitting it into passes that hash x twice.
+        with jax.named_scope("batch"):
+            y_SxBxT = tasks.stream_targets(x_BxD, task_SxB, self.sqrt_spectra_KxT)
+        losses_M, grads = self.gradients(state, x_BxD, y_SxBxT, tiles)
         with jax.named_scope("optimizer"):
             state = self._apply_updates(state, losses_M, grads)
         return state, tuple(s + b for s, b in zip(sums, (losses_M, *batch[3:]))), upcoming
@@ -408,6 +489,34 @@ class SweepProgram(Program):
             gram_MxKxK, rare_K, frequent_K)
         return {"interference": cosine_MxKxK, "interference_gram": gram_MxKxK,
                 "grad_norm": norm_MxK, "rare_frequent_cosine": rare_frequent_M}
+
+
+def model_mesh(copies: int, devices=None) -> Mesh:
+    """The ("replica", "copies") mesh a sweep with `copies` models per width group runs on.
+
+    The copies are split evenly over as many of `devices` (default: every device of every
+    process) as divide them, taking the same number from each process, so every process of a
+    multi-process run holds part of the sweep; when the processes cannot share the copies
+    evenly, each process holds the whole sweep (split over its own devices) and the processes
+    are replicas. Devices outside the mesh stay idle. Results do not depend on the split: each
+    device draws the shared batch from the same (data seed, step).
+    """
+    return Mesh(np.array(model_device_grid(copies, jax.devices() if devices is None else devices)),
+                ("replica", COPIES_AXIS))
+
+
+def model_device_grid(copies: int, devices) -> list[list]:
+    """`model_mesh`'s devices as a [replicas, shards] grid."""
+    by_process: dict[int, list] = {}
+    for device in devices:
+        by_process.setdefault(device.process_index, []).append(device)
+    processes, per_process = len(by_process), min(len(d) for d in by_process.values())
+    lists = [by_process[p] for p in sorted(by_process)]
+    for shards in range(processes * per_process, 0, -1):
+        if copies % shards == 0 and shards % processes == 0:
+            return [[d for devices_p in lists for d in devices_p[:shards // processes]]]
+    shards = max(s for s in range(1, per_process + 1) if copies % s == 0)
+    return [devices_p[:shards] for devices_p in lists]
 
 
 def all_finite_per_copy(group: dict) -> jax.Array:

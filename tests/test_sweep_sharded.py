@@ -1,0 +1,131 @@
+"""A sweep's model copies split over a device mesh (`sweep.model_mesh`) train as on one device:
+the same parameters, optimiser state, losses, metrics and interference, to float32 rounding.
+
+The comparison runs in a subprocess with 8 forced CPU devices (XLA_FLAGS must be set before JAX
+starts): a sweep with 8 copies per width group (4 seeds × 2 learning rates) under two update
+rules and two rare-task multipliers with injection (8 groups, 64 models) on 1 and on 8 devices,
+and its first 3 seeds (6 copies) on 6 of the 8 devices, which must equal those seeds' models in
+the 8-copy sweep (a model depends only on its seed, width, rate and stream). The two-process
+split (gloo) is `tests/test_sweep_multihost.py`.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from rareret.synthetic import sweep
+from rareret.synthetic.spec import Injection, Sweep, TaskMixture
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MIX = TaskMixture(num_tasks=6, task_dim=4, input_dim=32)
+SWEEP = Sweep(widths=(2, 4), seeds=(0, 1, 2, 3), learning_rate=(1e-2, 3e-3), batch_size=64,
+              num_steps=20, warmup_steps=5, interference_every=10,
+              interference_mode="sampled", rare_multiplier=(1, 2),
+              update_rule=("adamw", "pcgrad"))
+INJECTION = Injection(gap=4, rate=0.05)
+# A device's encoder GEMM is narrower than one device's (fewer copies), which may round sums
+# differently. Measured after 20 steps: ≤ 3e-7 relative, ≤ 1.5e-5 absolute on values up to 55.
+RTOL, ATOL = 1e-5, 5e-7
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    process_index: int
+    id: int
+
+
+def devices(processes: int, per_process: int) -> list[FakeDevice]:
+    return [FakeDevice(p, p * per_process + i) for p in range(processes)
+            for i in range(per_process)]
+
+
+def ids(grid) -> list[list[int]]:
+    return [[d.id for d in row] for row in grid]
+
+
+@pytest.mark.parametrize("copies, processes, per_process, expected", [
+    (8, 1, 8, [[0, 1, 2, 3, 4, 5, 6, 7]]),
+    (6, 1, 8, [[0, 1, 2, 3, 4, 5]]),  # The largest divisor of the copies.
+    (1, 1, 8, [[0]]),
+    (4, 2, 4, [[0, 1, 4, 5]]),  # Two from each process.
+    (8, 2, 4, [[0, 1, 2, 3, 4, 5, 6, 7]]),
+    (6, 2, 4, [[0, 1, 2, 4, 5, 6]]),
+    (3, 2, 4, [[0, 1, 2], [4, 5, 6]]),  # Odd copies: each process holds the whole sweep.
+    (1, 2, 1, [[0], [1]]),
+])
+def test_copies_are_split_evenly_over_processes(copies, processes, per_process, expected):
+    assert ids(sweep.model_device_grid(copies, devices(processes, per_process))) == expected
+
+
+def sharded_run() -> dict:
+    """Trains, evaluates and measures interference on 1 and 8 devices, and 6 copies on 6."""
+    assert jax.device_count() == 8, jax.devices()
+    out = {}
+    for name, (spec, count) in {"1": (SWEEP, 1), "8": (SWEEP, 8),
+                                "6 of 8": (dataclasses.replace(SWEEP, seeds=(0, 1, 2)), 8)
+                                }.items():
+        program = sweep.SweepProgram(MIX, spec, INJECTION, devices=jax.devices()[:count])
+        state = program.init()
+        encoder = state["params"][-1]["encoder"]
+        state = program.train(program.train(state, 0, 8), 8, 20)  # Across a chunk boundary.
+        arrays = {**{k: v for k, v in state.items() if k not in sweep.GROUPED_STATE},
+                  **program.evaluate(state["params"]), **program.interference(state["params"], 10)}
+        out[name] = {"mesh": dict(program.mesh.shape), "groups": program.layout.num_groups,
+                     "encoder_spec": str(encoder.sharding.spec),
+                     "encoder_shard": list(encoder.sharding.shard_shape(encoder.shape)),
+                     "grouped": leaves({k: state[k] for k in sweep.GROUPED_STATE}),
+                     "per_model": leaves(arrays)}
+    return out
+
+
+def leaves(tree) -> dict:
+    return {jax.tree_util.keystr(path): np.asarray(leaf).tolist()
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def first_copies(run: dict, copies: int) -> dict:
+    """A run's arrays restricted to the first `copies` copies of each width group."""
+    grouped = {k: np.asarray(v)[:copies] for k, v in run["grouped"].items()}
+    per_model = {}
+    for key, value in run["per_model"].items():
+        value = np.asarray(value)
+        per_group = value.reshape(run["groups"], -1, *value.shape[1:])
+        per_model[key] = per_group[:, :copies].reshape(-1, *value.shape[1:])
+    return {**grouped, **per_model}
+
+
+def test_sharded_sweep_equals_one_device():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["1"]["mesh"] == {"replica": 1, "copies": 1}
+    assert runs["8"]["mesh"] == {"replica": 1, "copies": 8}
+    assert runs["6 of 8"]["mesh"] == {"replica": 1, "copies": 6}
+    for name in ("8", "6 of 8"):
+        assert runs[name]["encoder_spec"] == str(PartitionSpec("copies")), name
+        assert runs[name]["encoder_shard"] == [1, 4, 32], name  # One copy per device.
+    one = first_copies(runs["1"], 8)
+    names = one.keys()
+    assert any("rare_rate" in k for k in names) and any("interference" in k for k in names)
+    assert any("mu" in k for k in names) and np.isfinite(one["['interference']"]).mean() > 0.5
+    for name, copies in (("8", 8), ("6 of 8", 6)):
+        got, want = first_copies(runs[name], copies), first_copies(runs["1"], copies)
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{name} devices: {key}")
+
+
+if __name__ == "__main__":
+    print(json.dumps(sharded_run()))
