@@ -24,11 +24,13 @@ import traceback
 
 from absl import app, flags
 
+from rareret import cli_flags
 from rareret.analysis import grid_report, studies
 from rareret.child_process import ChildProcess
 from rareret.errors import ConfigError, one_line, require
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(cli_flags)  # --dry_run, in --help.
 flags.DEFINE_string("root", None, "where the runs and index.md go (default: runs/experiments, "
                     "or runs/experiments-paper with --variant=paper).")
 flags.DEFINE_list("only", None, "run only these studies (names as --list prints them).")
@@ -36,7 +38,6 @@ flags.DEFINE_enum("variant", "cpu", ["cpu", "paper"], "CPU-scale configs, or the
                   "(accelerators).")
 flags.DEFINE_string("experiments_dir", "experiments", "the folder holding the studies' configs.")
 flags.DEFINE_bool("list", False, "list the studies and their commands; run nothing.")
-flags.DEFINE_bool("dry_run", False, "print the commands that would run; run nothing.")
 
 MINUTES_DIR = "minutes"  # ROOT/minutes/<job>.json: each job's wall-clock minutes.
 
@@ -174,7 +175,7 @@ def main(argv: list[str]) -> None:
         root = FLAGS.root or ("runs/experiments" if FLAGS.variant == "cpu"
                               else "runs/experiments-paper")
         jobs = list({j.name: j for s in chosen for j in jobs_of(s)}.values())
-        if FLAGS.list or FLAGS.dry_run:
+        if FLAGS.list or cli_flags.DRY_RUN.value:
             for study in chosen:
                 print(f"{study.name} ({study.figures}): "
                       + "; ".join(shown(j, root) for j in jobs_of(study)))

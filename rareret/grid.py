@@ -23,6 +23,7 @@ import sys
 import gin
 from absl import app, flags, logging
 
+from rareret import cli_flags
 from rareret import main as rareret_main
 from rareret.child_process import ChildProcess
 from rareret.analysis import grid_report
@@ -31,9 +32,9 @@ from rareret.grid_spec import Cell, Grid
 from rareret.run import SPEC_FILE, check_workdir
 
 FLAGS = flags.FLAGS  # rareret's flags (gin, workdir, overwrite, report, distributed, ...), and:
+flags.adopt_module_key_flags(cli_flags)  # --dry_run, in --help.
 flags.DEFINE_enum("launch", "local", ["local", "slurm", "tpu"],
                   "run the cells here, or write a SLURM job array or TPU pod-slice commands.")
-flags.DEFINE_bool("dry_run", False, "print what would run; write nothing.")
 flags.DEFINE_list("cells", None, "only these cell indices (the cluster scripts pass them).")
 flags.DEFINE_multi_string("sbatch", [], "extra #SBATCH options for --launch=slurm, e.g. "
                           "--sbatch=--gres=gpu:1.")
@@ -260,7 +261,7 @@ def launch_script(workdir: str, record: dict, cells: list[Cell], total: int) -> 
         text, file, how = slurm_script(workdir, cells, total), "grid.slurm", "sbatch"
     else:
         text, file, how = tpu_script(workdir, cells), "grid.tpu.sh", "bash"
-    if FLAGS.dry_run:
+    if cli_flags.DRY_RUN.value:
         print(text, end="")
         return
     write_manifest(workdir, record)
@@ -293,7 +294,7 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"rareret-grid: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    if FLAGS.dry_run:
+    if cli_flags.DRY_RUN.value:
         for cell in chosen:
             done = not FLAGS.overwrite and grid_report.finished(os.path.join(workdir, cell.name))
             print(f"# cell {cell.index} ({cell.name}){': finished, skipped' if done else ''}")

@@ -17,7 +17,7 @@ import sys
 import gin
 from absl import app, flags, logging
 
-from rareret import host_malloc, processes
+from rareret import cli_flags, host_malloc, processes
 from rareret.errors import ConfigError, one_line, require
 from rareret.grid_spec import Grid
 from rareret.lm import inject
@@ -29,6 +29,7 @@ from rareret.synthetic.spec import Injection, Sweep, TaskMixture
 from rareret.synthetic.sweep import SweepProgram
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(cli_flags)  # --dry_run, in --help.
 flags.DEFINE_multi_string("gin_file", [], "gin config file(s); later files override earlier.")
 flags.DEFINE_multi_string("gin_bindings", [], "gin bindings such as 'Sweep.num_steps = 500'.")
 flags.DEFINE_multi_string("gin_search_paths", ["."], "directories searched for gin files.")
@@ -36,7 +37,6 @@ flags.DEFINE_string("workdir", None, "run directory (config, metrics, report).")
 flags.DEFINE_bool("overwrite", False, "replace a run already in --workdir.")
 flags.DEFINE_bool("report", True, "write the report when the run ends.")
 flags.DEFINE_bool("progress", True, "show a progress line on stderr.")
-flags.DEFINE_bool("dry_run", False, "check every input and say what would run; touch nothing.")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize (auto-detects TPU pods, "
                   "SLURM, ...; or give the three flags below).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --distributed.")
@@ -73,7 +73,7 @@ def run(workdir: str, experiment: str = "synthetic",
     config = gin.operative_config_str()
     runs = [Run(program, job_dir, overwrite=FLAGS.overwrite, config_text=config,
                 show_progress=FLAGS.progress) for job_dir, program in jobs]
-    if FLAGS.dry_run:
+    if cli_flags.DRY_RUN.value:
         for job in runs:
             action = "resume" if job.resuming else "start"
             print(f"dry run: would {action} {job.workdir}: {type(job.program).__name__}, "
