@@ -5,7 +5,8 @@ A child process trains, as the CLI does (`host_malloc.reuse_freed_memory`,
 vocabulary (so its state, 0.2 GB, stands out of the noise) with a record every step and a
 checkpoint every other one, and reports its peak RSS between consecutive saves (VmHWM, reset at
 each save). A save that kept a copy of the state, or records whose freed temporaries piled up,
-raises each interval's peak by about that much; the test allows half the state.
+raise each interval's peak by about that much more than the last; the test allows one state
+between the median peaks of the earlier and the later saves.
 
 `tools/bench_lm.py --memory` measures the same by phase, at the paper's rungs.
 """
@@ -74,11 +75,13 @@ def test_peak_rss_stays_flat_over_records_and_saves(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     peaks, state = np.asarray(out["peaks"]), out["state_bytes"]
     assert len(peaks) == SAVES, peaks
-    # The first interval compiles the step and the measurements; the second is the reference.
-    rise = peaks[2:] - peaks[1]
-    assert rise.max() <= state / 2, (
-        f"peak RSS between saves rose by up to {rise.max() / 1e6:.0f} MB after the first "
-        f"saves (state {state / 1e6:.0f} MB); peaks MB: {np.round(peaks / 1e6).tolist()}")
+    # The first interval compiles the step and the measurements. A save that kept a copy of the
+    # state would lift the later intervals' peaks above the earlier ones by ~3.5 states; single
+    # intervals scatter by up to ~0.9 state (measured), their medians far less.
+    early, late = np.median(peaks[1:SAVES // 2]), np.median(peaks[SAVES // 2:])
+    assert late - early <= state, (
+        f"peak RSS between saves rose by {(late - early) / 1e6:.0f} MB (median, later vs "
+        f"earlier saves; state {state / 1e6:.0f} MB); peaks MB: {np.round(peaks / 1e6).tolist()}")
 
 
 if __name__ == "__main__":
