@@ -419,9 +419,9 @@ def _tree_bytes(tree) -> int:
 
 def memory_spec(args, directory: str) -> LmTrain:
     """olmo_300m.gin's settings (bfloat16 compute, remat, a T_CMP task at 2.4e-6 per token,
-    FSDP over every device, or with `--mesh tensor` tensor parallelism) at rung `--model`, B × L from the flags, 16 eval instances, a
-    record and a checkpoint every `--record-every` steps, on a `.npy` of random tokens written
-    into `directory`."""
+    FSDP over every device, or with `--mesh tensor` tensor parallelism) at rung `--model`,
+    B × L from the flags, 16 eval instances, a record and a checkpoint every `--record-every`
+    steps, on a `.npy` of random tokens written into `directory`."""
     import numpy as np
 
     from rareret.lm import inject
