@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lm_corpus import golden_documents
-from rareret.errors import ConfigError
+from test_lm_data import _config_error
 from rareret.lm import data, pretokenize, train
 from rareret.lm.data import TokenCorpus, make_dataset, make_iterator
 from rareret.lm.spec import LmTrain
@@ -19,16 +19,6 @@ from rareret.lm.spec import LmTrain
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "data" / "lm_tokenizer.json"
 L = 4
-
-
-def _config_error(call, *fragments):
-    with pytest.raises(ConfigError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def _raw(path, values, dtype):

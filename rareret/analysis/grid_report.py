@@ -26,7 +26,7 @@ from matplotlib import patheffects  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rareret import store  # noqa: E402
-from rareret.analysis import phase, report  # noqa: E402
+from rareret.analysis import figures, phase, report  # noqa: E402
 from rareret.errors import ConfigError, require  # noqa: E402
 from rareret.grid_spec import value_text  # noqa: E402
 
@@ -194,9 +194,7 @@ def plot_size_frequency(data, path: str) -> None:
             ax.set_ylabel(size)
             ax.set_title(f"{task}: {what}")
             fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def plot_phase_across_beta(workdir: str, manifest: dict, path: str) -> bool:

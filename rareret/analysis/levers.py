@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rareret.analysis import phase  # noqa: E402
+from rareret.analysis import figures, phase  # noqa: E402
 from rareret.errors import ConfigError  # noqa: E402
 from rareret.synthetic import theory  # noqa: E402
 from rareret.synthetic.spec import UPDATE_RULES, TaskMixture, multiplied_priors  # noqa: E402
@@ -326,10 +326,7 @@ def plot_iso_learning(widths, multipliers, learned_WxU, multiplier_by_W, min_m_W
     ax.set_ylabel("rare-rate multiplier m")
     ax.set_title("iso-learning curve (filled: learned)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)
 
 
 def plot_costs(levers: dict[int, dict[str, float]], path: str) -> str:
@@ -346,7 +343,4 @@ def plot_costs(levers: dict[int, dict[str, float]], path: str) -> str:
     ax.set_xlabel("width N")
     ax.set_ylabel("FLOPs to learn the rare task (missing: never)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)

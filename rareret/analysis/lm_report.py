@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rareret import store  # noqa: E402
+from rareret.analysis import figures  # noqa: E402
 from rareret.errors import require  # noqa: E402
 
 LEARNED_ACCURACY = 0.5  # "first step with accuracy ≥ 0.5" in the task table.
@@ -205,12 +206,6 @@ def _finite_line(ax, x, y, **kwargs):
     return bool(ok.any())
 
 
-def _save(fig, path: str) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def plot_losses(run: LmRun, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, label in (("lm_loss", "train (mean since the last record)"),
@@ -221,7 +216,7 @@ def plot_losses(run: LmRun, path: str) -> None:
     ax.set_ylabel("next-token cross-entropy")
     ax.set_title("language-model loss")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    figures.save(fig, path)
 
 
 def plot_tasks(run: LmRun, path: str) -> None:
@@ -240,7 +235,7 @@ def plot_tasks(run: LmRun, path: str) -> None:
         ax.legend(fontsize=8)
     loss_ax.set_title("task loss")
     acc_ax.set_title("task accuracy")
-    _save(fig, path)
+    figures.save(fig, path)
 
 
 def representation_panels(run: LmRun) -> list[tuple[int, str]]:
@@ -272,7 +267,7 @@ def plot_representations(run: LmRun, panels: list[tuple[int, str]], path: str) -
             ax.set_ylabel("Fourier modes")
             ax.set_title(f"{run.tasks[k]} (add): Fourier modes per layer")
         ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    figures.save(fig, path)
 
 
 def ablation_rise(run: LmRun) -> tuple[np.ndarray, list[int]] | None:
@@ -302,7 +297,7 @@ def plot_ablation(run: LmRun, rise_KxN: np.ndarray, path: str) -> None:
     ax.set_ylabel("rise in task loss with the MLP output zeroed")
     ax.set_title("MLP ablation (last ablation record)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    figures.save(fig, path)
 
 
 def plot_gradients(run: LmRun, tasks: list[int], path: str) -> None:
@@ -319,7 +314,7 @@ def plot_gradients(run: LmRun, tasks: list[int], path: str) -> None:
         ax.set_title(f"{run.tasks[k]}: cosine with the task gradient")
         ax.legend(fontsize=8)
     axes[0, 0].set_ylabel("cosine (first-layer MLP, top neurons)")
-    _save(fig, path)
+    figures.save(fig, path)
 
 
 def plot_interference(run: LmRun, r: int, path: str) -> None:
@@ -334,7 +329,7 @@ def plot_interference(run: LmRun, r: int, path: str) -> None:
             ax.text(j, i, fmt(matrix[i, j], 2), ha="center", va="center", fontsize=8)
     ax.set_title(f"gradient cosine, step {int(run.steps[r])}")
     fig.colorbar(image, ax=ax)
-    _save(fig, path)
+    figures.save(fig, path)
 
 
 # ----------------------------------------------------------------------------- report

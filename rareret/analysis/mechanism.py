@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rareret.analysis import phase  # noqa: E402
+from rareret.analysis import figures, phase  # noqa: E402
 from rareret.synthetic import theory  # noqa: E402
 from rareret.synthetic.spec import rarest_task
 
@@ -43,12 +43,6 @@ def corrected(run: phase.SyntheticRun) -> np.ndarray:
                                       run.mixture.input_dim)
 
 
-def _save(fig, path: str) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def plot_rare_signal(run: phase.SyntheticRun, path: str) -> None:
     """s̃_r over training per width at the largest gap: spike-and-decay vs accumulation."""
     steps, rare = run.metrics.read("step"), corrected(run)[:, :, rare_task(run)]
@@ -62,7 +56,7 @@ def plot_rare_signal(run: phase.SyntheticRun, path: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("s̃_r")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    figures.save(fig, path)
 
 
 def plot_signal_vs_gap(run: phase.SyntheticRun, path: str) -> None:
@@ -80,7 +74,7 @@ def plot_signal_vs_gap(run: phase.SyntheticRun, path: str) -> None:
         ax.set_xlabel("gap G")
         ax.set_title(f"end of training: {title}")
     axes[0].legend(fontsize=8)
-    _save(fig, path)
+    figures.save(fig, path)
 
 
 def plot_interference(run: phase.SyntheticRun, path: str) -> None:
@@ -121,7 +115,7 @@ def plot_rare_frequent_cosine(run: phase.SyntheticRun, path: str) -> None:
     for ax in axes:
         ax.set_xlabel("step")
     axes[0].legend(fontsize=8)
-    _save(fig, path)
+    figures.save(fig, path)
 
 
 def plot_residual(run: phase.SyntheticRun, path: str) -> None:
@@ -140,7 +134,7 @@ def plot_residual(run: phase.SyntheticRun, path: str) -> None:
     ax.set_ylabel("s̃_rare")
     ax.set_title("residual plot")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    figures.save(fig, path)
 
 
 def retention_table(run: phase.SyntheticRun) -> list[str]:

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 
-from rareret.analysis import lm_report, mechanism, phase  # noqa: E402
+from rareret.analysis import figures, lm_report, mechanism, phase  # noqa: E402
 from rareret.errors import ConfigError, one_line, require  # noqa: E402
 
 
@@ -51,9 +51,7 @@ def plot_phase_diagram(comparisons: dict[float, phase.PhaseComparison], path: st
     for ax, (rate, comp) in zip(axes[0], comparisons.items()):
         image = draw_phase_diagram(ax, comp, f"final normalised loss, lr={rate:g}")
         fig.colorbar(image, ax=ax, label="ℓ_k / Tr C_k")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def plot_curves(run: phase.SyntheticRun, path: str) -> None:
@@ -83,9 +81,7 @@ def plot_curves(run: phase.SyntheticRun, path: str) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("ℓ_k / Tr C_k")
     fig.suptitle("per-task loss (colour: task, yellow = rarest); dotted: Theorem 3")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def plot_mechanism(run: phase.SyntheticRun, out: str) -> list[str]:

@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rareret.analysis import figures  # noqa: E402
+
 PAPER_COMPUTE_OPTIMAL_EXPONENT = 0.34  # The paper: compute-optimal loss ∝ N^−0.34.
 
 
@@ -81,7 +83,4 @@ def plot(law: ScalingLaw, path: str) -> str:
     ax.set_ylabel("reducible loss L − L0")
     ax.set_title(f"L = L0 + A/N^{law.alpha} + B/D^{law.beta}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rareret.analysis import (  # noqa: E402
-    grid_report, levers, lm_report, mechanism, phase, scaling_law)
+    figures, grid_report, levers, lm_report, mechanism, phase, scaling_law)
 from rareret.lm import config, ladder  # noqa: E402
 from rareret.synthetic import theory  # noqa: E402
 
@@ -61,13 +61,6 @@ class Study:
 
 def verdict(passed: int, total: int) -> str:
     return REPRODUCED if passed == total else PARTLY if passed else NOT_REPRODUCED
-
-
-def _save(fig, path: str) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def grid_cells(grid_dir: str) -> list[tuple[dict, str]]:
@@ -116,7 +109,7 @@ def _phase_panels(cells: list[tuple[dict, str]], path: str) -> str:
     for ax, (coords, cell_dir) in zip(axes[0], cells):
         comp = phase.compare_with_theory(phase.SyntheticRun.load(cell_dir))
         report.draw_phase_diagram(ax, comp, ", ".join(f"{k}={v}" for k, v in coords.items()))
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def observe_phase_beta(jobs, out):
@@ -148,7 +141,7 @@ def observe_utility(jobs, out) -> Observation:
         right.axvline(width, color="grey", lw=0.5)
     right.set_xlabel("feature rank (vertical lines: the sweep's widths)")
     right.set_ylabel("utility u_kj = π_k λ_kj")
-    figure = _save(fig, os.path.join(out, "utility_vs_loss.png"))
+    figure = figures.save(fig, os.path.join(out, "utility_vs_loss.png"))
     ok = comp.mean_abs_error < 0.02 and matched == total
     return Observation(f"mean |obs − pred| {comp.mean_abs_error:.4f} over {obs.size} "
                        f"(width, task) cells, Pearson r {r:.3f}; critical widths "
@@ -166,7 +159,7 @@ def observe_rank1(jobs, out) -> Observation:
     ax.set_xlabel("task k")
     ax.set_ylabel("critical width")
     ax.legend()
-    figure = _save(fig, os.path.join(out, "rank1.png"))
+    figure = figures.save(fig, os.path.join(out, "rank1.png"))
     off = [f"k={k + 1}: {n}" for k, n in enumerate(observed) if n != k + 1]
     return Observation(f"N_emp(k) = k for {exact}/{len(observed)} tasks"
                        + (f" (off: {', '.join(off)})" if off else ""),
@@ -246,7 +239,7 @@ def observe_interference_gap(jobs, out) -> Observation:
     ax.set_xlabel("injection gap G")
     ax.set_ylabel("|cos(g_rare, g_F)|, second half of training")
     ax.legend(fontsize=8)
-    figure = _save(fig, os.path.join(out, "interference_gap.png"))
+    figure = figures.save(fig, os.path.join(out, "interference_gap.png"))
     checks = [mean[widths[0], g] > mean[widths[-1], g] for g in gaps]
     cells = ", ".join(f"N={w}: " + "/".join(f"{mean[w, g]:.3f}" for g in gaps) for w in widths)
     return Observation(f"mean |cos(g_rare, g_F)| at gaps {'/'.join(map(str, gaps))}: {cells}",
@@ -436,7 +429,7 @@ def observe_task_vs_val(jobs, out) -> Observation:
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.legend()
-    figure = _save(fig, os.path.join(out, "task_vs_val.png"))
+    figure = figures.save(fig, os.path.join(out, "task_vs_val.png"))
     checks = [drop(val) > 0, drop(loss[:, common]) > drop(loss[:, rare])]
     return Observation(f"from step {int(steps[start])}: val_loss {val[start]:.3f} → "
                        f"{val[-1]:.3f}; {names[common]} {loss[start, common]:.3f} → "
