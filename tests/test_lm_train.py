@@ -4,7 +4,7 @@ B = 8, a few steps, 64 eval instances):
   * resume ≡ uninterrupted: runs stopped right after a checkpoint, or between a record and the
     next checkpoint, or by SIGTERM, then resumed, end with bit-identical metric arrays and final
     train state;
-  * sharded ≡ unsharded: `LmModel` on 1 device and on 8 (fake CPU) devices under four meshes
+  * sharded ≡ unsharded: `LmModel` on 1 device and on 8 (fake CPU) devices under five meshes
     gives the same losses and task metrics, with the parameters really sharded;
   * the `rareret` CLI: run, resume, refusal of another config, one-line errors for bad data.
 
@@ -43,6 +43,7 @@ from rareret.lm import data, inject, measurements, train
 from rareret.lm.spec import LmTrain
 from rareret.mesh_spec import MeshSpec
 from rareret.run import Run
+from xla_cache import persistent_compilation_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_GIN = REPO / "gin_configs" / "lm" / "tiny.gin"
@@ -61,29 +62,12 @@ CACHE_ENV: dict[str, str] = {}  # The persistent compilation cache, for CLI subp
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """A persistent XLA compilation cache for this module's runs. Every `run_lm` builds a new
-    `LmModel` and so recompiles identical programs (seconds each on CPU); with the cache only
-    the first compile of each is paid. Results are those of the same executables either way."""
-    try:
-        from jax._src import compilation_cache as cache  # reset_cache: private, hence the guard.
-        reset = cache.reset_cache
-    except (ImportError, AttributeError):
-        yield None
-        return
-    directory = str(tmp_path_factory.mktemp("xla_cache"))
-    options = {"jax_compilation_cache_dir": directory,
-               "jax_persistent_cache_min_compile_time_secs": 0,
-               "jax_persistent_cache_min_entry_size_bytes": 0}
-    previous = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    reset()
-    CACHE_ENV.update({name.upper(): str(value) for name, value in options.items()})
-    yield directory
-    CACHE_ENV.clear()
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    reset()
+    """Every `run_lm` builds a new `LmModel`, and the CLI tests start new processes: all take
+    their programs from one cache."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")) as env:
+        CACHE_ENV.update(env)
+        yield
+        CACHE_ENV.clear()
 
 
 def tiny_spec(shard_path, **overrides) -> LmTrain:
@@ -289,6 +273,7 @@ MESHES = {  # name: (data, fsdp, tensor); "1" runs on one device, the others on 
     "data=2,fsdp=2,tensor=2": (2, 2, 2),
     "fsdp=4,tensor=2": (1, 4, 2),
     "fsdp=8": (1, 8, 1),
+    "data=2,fsdp=4": (2, 4, 1),
 }
 SHARDED_VOCAB = 300  # Padded to 384, which tensor=2 divides.
 
@@ -318,6 +303,12 @@ def sharded_table() -> dict:
             "head": {"spec": str(head.sharding.spec), "global": list(head.shape),
                      "shard": list(head.addressable_shards[0].data.shape)},
             "embedding_shard": list(embedding.addressable_shards[0].data.shape)}
+        # Meshes without "tensor" take the explicit-FSDP step (rareret/lm/fsdp.py): the
+        # gradients are reduce-scattered in the program, not left to the partitioner.
+        reduce_scatters = program.traced(lambda: program.train_step.lower(
+            program.abstract_state(), jax.ShapeDtypeStruct(
+                (8, 32), np.int32, sharding=program.batch_sharding)).as_text()).count(
+            "reduce_scatter")
         opt_head_specs = sorted({str(x.sharding.spec) for path, x in
                                  jax.tree_util.tree_leaves_with_path(state["opt_state"])
                                  if jax.tree_util.keystr(path).endswith("['head']")})
@@ -338,7 +329,7 @@ def sharded_table() -> dict:
             "init_digest": init_digest,
             "param_max_abs_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(
                 jax.tree.leaves(params), jax.tree.leaves(reference))),
-            **layout, "opt_head_specs": opt_head_specs,
+            **layout, "opt_head_specs": opt_head_specs, "reduce_scatters": reduce_scatters,
             "batch_shard": list(program.batch_sharding.shard_shape((8, 32))),
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -356,7 +347,7 @@ def sharded_table() -> dict:
 @pytest.fixture(scope="module", autouse=True)
 def sharded_run(request, tmp_path_factory):
     """Starts `--sharded` in a subprocess (8 CPU devices) as soon as the module starts, if its
-    test is selected, so its compiles (15 programs) overlap the other tests; the test waits.
+    test is selected, so its compiles (18 programs) overlap the other tests; the test waits.
     Output goes to files: a pipe nobody reads until the end could fill up and block it."""
     if not any(item.name == "test_sharded_matches_unsharded" for item in request.session.items):
         yield None
@@ -409,6 +400,7 @@ def test_sharded_matches_unsharded(sharded_run):
         assert row["embedding_shard"] == [vocab // tensor, 32 // fsdp], name
         assert row["opt_head_specs"] == [row["head"]["spec"]], (name, row["opt_head_specs"])
         assert row["batch_shard"] == [8 // (data_size * fsdp), 32], name
+        assert (row["reduce_scatters"] > 0) == (fsdp > 1 and tensor == 1), (name, row)
     # Every mesh but pure data parallelism really splits the parameters.
     assert [n for n, (_, f, t) in MESHES.items() if f * t > 1] == [
         n for n in MESHES if rows[n]["head"]["shard"] != rows[n]["head"]["global"]]

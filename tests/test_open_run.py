@@ -4,7 +4,6 @@ sweep read while it runs (committed records only), and an LM run with probes and
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 import xarray as xr
@@ -19,6 +18,7 @@ from rareret.lm.spec import LmTrain
 from rareret.run import Run
 from rareret.synthetic.spec import Sweep, TaskMixture
 from rareret.synthetic.sweep import SweepProgram
+from xla_cache import persistent_compilation_cache
 
 TOKENIZER = pathlib.Path(__file__).resolve().parent / "data" / "lm_tokenizer.json"
 MIXTURE = TaskMixture(num_tasks=4, task_dim=2, input_dim=8, beta=1.0)
@@ -28,25 +28,9 @@ SWEEP = Sweep(widths=(2, 3), seeds=(0, 1), learning_rate=(1e-3, 1e-2), batch_siz
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """A persistent XLA compilation cache: the live run compiles the finished run's programs
-    again, and takes them from the cache (as tests/test_lm_train.py does)."""
-    try:
-        from jax._src import compilation_cache as cache  # reset_cache: private, hence the guard.
-        reset = cache.reset_cache
-    except (ImportError, AttributeError):
+    """The live run compiles the finished run's programs again, and takes them from the cache."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")):
         yield
-        return
-    options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-               "jax_persistent_cache_min_compile_time_secs": 0,
-               "jax_persistent_cache_min_entry_size_bytes": 0}
-    previous = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    reset()
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    reset()
 
 
 @pytest.fixture(scope="module")

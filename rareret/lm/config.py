@@ -19,6 +19,9 @@ class OlmoConfig:
     `mlp_ratio` is the fused up-projection size over d_model (8 in OLMo: up-proj 8·D, hidden 4·D).
     `attention`: "xla" (plain masked-softmax attention, any backend) or "cudnn" (the flash kernel
     of `jax.nn.dot_product_attention`, NVIDIA GPUs with bfloat16 compute).
+    `fsdp_shards`: 1 for whole parameters; n inside the explicit-FSDP map of `rareret.lm.fsdp`,
+    where each device holds 1/n of every parameter's `embed` dimension and the model gathers a
+    parameter over the mesh axis "fsdp" where it uses it.
     """
 
     d_model: int
@@ -34,9 +37,11 @@ class OlmoConfig:
     remat: bool = False
     layer_norm_eps: float = 1e-5
     attention: str = "xla"
+    fsdp_shards: int = 1
 
     def __post_init__(self):
-        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "mlp_ratio", "max_seq_len"):
+        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "mlp_ratio", "max_seq_len",
+                     "fsdp_shards"):
             value = getattr(self, name)
             require(is_int(value) and value > 0,
                     f"OlmoConfig.{name}={value!r}: must be a positive integer")

@@ -32,8 +32,8 @@ import tokenizers
 from rareret import host_malloc, processes, sharding
 from rareret.blas_threads import single_threaded_blas
 from rareret.errors import ConfigError, require
-from rareret.lm import corpus, data, gradients, inject, ladder, measurements, pretokenize
-from rareret.lm import templates
+from rareret.lm import corpus, data, fsdp, gradients, inject, ladder, measurements
+from rareret.lm import pretokenize, templates
 from rareret.lm import model as lm_model
 from rareret.lm.optim import optimizer
 from rareret.lm.spec import LmTrain
@@ -250,8 +250,13 @@ class LmModel:
                 "step": jnp.zeros((), jnp.int32)}
 
     def _train_step(self, state, tokens_BxL):
-        loss, grads = jax.value_and_grad(
-            lambda p: lm_model.next_token_loss(self.config, p, tokens_BxL))(state["params"])
+        if fsdp.applies(self.mesh):
+            param_specs = jax.tree.map(lambda s: s.spec, self.state_sharding["params"])
+            loss, grads = fsdp.loss_and_grads(self.config, self.mesh, param_specs,
+                                              state["params"], tokens_BxL)
+        else:
+            loss, grads = jax.value_and_grad(
+                lambda p: lm_model.next_token_loss(self.config, p, tokens_BxL))(state["params"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         return ({"params": optax.apply_updates(state["params"], updates),
                  "opt_state": opt_state, "step": state["step"] + 1}, loss)
