@@ -18,6 +18,7 @@ from rareret import store
 from rareret.run import Run
 from rareret.synthetic import sweep
 from rareret.synthetic.spec import Sweep, TaskMixture
+from xla_cache import persistent_compilation_cache
 
 BINDINGS = [
     "TaskMixture.num_tasks = 6", "TaskMixture.task_dim = 4", "TaskMixture.input_dim = 32",
@@ -258,23 +259,29 @@ def check_lm_evidence(workdir, arrays) -> None:
 
 
 def test_lm_kill9_at_three_points_resumes_bit_identically(tmp_path):
-    reference = tmp_path / "reference"
-    proc = subprocess.run(lm_command(reference), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    expected = lm_arrays(reference)
-    check_lm_evidence(reference, expected)
-    workdir = tmp_path / "run"
-    for records in (3, 6, 10):  # Between checkpoints and right after them.
-        proc = subprocess.Popen(lm_command(workdir), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        try:
-            while committed(workdir) < records and proc.poll() is None:
-                time.sleep(0.02)
-            proc.kill()
-        finally:
-            proc.wait()
-    proc = subprocess.run(lm_command(workdir), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    # The five launches compile the same programs: all but the first take them from a cache.
+    with persistent_compilation_cache(tmp_path / "xla_cache") as cache_env:
+        env = {**os.environ, **cache_env}
+        reference = tmp_path / "reference"
+        proc = subprocess.run(lm_command(reference), capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+        expected = lm_arrays(reference)
+        check_lm_evidence(reference, expected)
+        workdir = tmp_path / "run"
+        for records in (3, 6, 10):  # Between checkpoints and right after them (of 13).
+            proc = subprocess.Popen(lm_command(workdir), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, env=env)
+            try:
+                while committed(workdir) < records and proc.poll() is None:
+                    time.sleep(0.02)
+                assert proc.poll() is None, "the run finished before it was killed"
+                proc.kill()
+            finally:
+                proc.wait()
+        proc = subprocess.run(lm_command(workdir), capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
     resumed = lm_arrays(workdir)
     for name, values in expected.items():
         np.testing.assert_array_equal(resumed[name], values, err_msg=name)
