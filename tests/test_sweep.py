@@ -112,6 +112,72 @@ def test_learning_rates_share_one_program(tmp_path, learning_rate):
                                rtol=1e-4)
 
 
+DIVERGENCE_MIXTURE = TaskMixture(num_tasks=4, task_dim=3, input_dim=16, beta=1.0)
+DIVERGENCE_SWEEP = dict(widths=(2, 5), batch_size=64, num_steps=6, record_every=6,
+                        warmup_steps=1)
+
+
+def stepwise(learning_rates):
+    """The params [steps + 1] (numpy), `diverged` and `train_loss` [steps] of a sweep of
+    `learning_rates`, trained one step per call."""
+    program = sweep.SweepProgram(DIVERGENCE_MIXTURE, Sweep(learning_rate=learning_rates,
+                                                           **DIVERGENCE_SWEEP))
+    state = program.init()
+    params, diverged, losses = [jax.device_get(state["params"])], [], []
+    for t in range(DIVERGENCE_SWEEP["num_steps"]):
+        state = program.train(state, t, t + 1)  # Donates the state it is given.
+        params.append(jax.device_get(state["params"]))
+        diverged.append(np.asarray(state["diverged"]))
+        losses.append(np.asarray(state["train_loss"]))
+    return params, np.array(diverged), np.array(losses)
+
+
+def copy_params(params, c):
+    """Copy c's parameters in every width group."""
+    return [leaf[c] for leaf in jax.tree.leaves(params)]
+
+
+def test_a_diverging_model_is_frozen_at_its_last_finite_state():
+    """Learning rate 1e30: the first step's update is finite (≈ 1e30), the next step's loss is
+    not. The model is flagged at that step and keeps, from then on, its parameters from before
+    it (finite); the other models are bit-identical to a sweep without it."""
+    params, diverged, losses = stepwise((1e-3, 1e30))
+    sane_params, sane_diverged, _ = stepwise((1e-3, 2e-3))
+    absurd = np.arange(diverged.shape[1]) % 2 == 1  # Models (width, lr): lr is the fast axis.
+    assert not sane_diverged.any() and not diverged[:, ~absurd].any()
+    first = 1  # The first step with a non-finite loss; flagged from it on.
+    assert np.isfinite(losses[:first]).all() and not np.isfinite(losses[first, absurd]).any()
+    assert (diverged[:, absurd] == (np.arange(len(diverged)) >= first)[:, None]).all()
+    for t in range(first + 1, len(params)):
+        for got, want in zip(copy_params(params[t], 1), copy_params(params[first], 1)):
+            assert np.isfinite(want).all()
+            np.testing.assert_array_equal(got, want)
+    assert np.abs(copy_params(params[first], 1)[0]).max() > 1e20  # It did take its first step.
+    for t in range(len(params)):
+        for got, want in zip(copy_params(params[t], 0), copy_params(sane_params[t], 0)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_non_finite_loss_alone_freezes_its_model():
+    """A model whose loss is non-finite with finite gradients (as when the loss's square
+    overflows) is frozen and flagged; the others take their step."""
+    program = sweep.SweepProgram(DIVERGENCE_MIXTURE, Sweep(learning_rate=(1e-3, 2e-3),
+                                                           **DIVERGENCE_SWEEP))
+    state = program.init()
+    x_BxD, y_SxBxT, task_SxB = program.batch(0)
+    tiles = jax.vmap(lambda task_B: model.task_tiles(
+        task_B, DIVERGENCE_MIXTURE.num_tasks, program.sweep.tile_size))(task_SxB)
+    losses_M, grads = program.gradients(state, x_BxD, y_SxBxT, tiles)
+    poisoned = losses_M.at[1].set(np.inf)
+    new = jax.device_get(program._apply_updates(state, poisoned, grads))
+    assert new["diverged"].tolist() == [False, True, False, False]
+    old = jax.device_get(state)
+    for m, (group, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        for got, want in zip(jax.tree.leaves(new["params"][group]),
+                             jax.tree.leaves(old["params"][group])):
+            assert np.array_equal(got[c], want[c]) == (m == 1)
+
+
 DEFAULT_GIN = pathlib.Path(__file__).resolve().parents[1] / "gin_configs/synthetic/default.gin"
 
 

@@ -30,7 +30,7 @@ States of a run:
               (re-running its command resumes it), or is an LM run stopped by divergence (the
               driver refuses a non-finite state before recording it, so on disk it looks the
               same; the run's `rareret: error` line named the step)
-  diverged    a synthetic sweep with models frozen after a non-finite loss or parameter (the
+  diverged    a synthetic sweep with models frozen after a non-finite loss or gradient (the
               other models trained on); the progress column says whether it reached its end
   no records  a spec.json but no committed record yet (starting, or stopped during setup)
   broken      spec.json or the metric store is unreadable, or the experiment is unknown; the
@@ -244,7 +244,7 @@ def diverged_table(ds: xr.Dataset) -> Table:
                           "learning_rate": ds.learning_rate.values[models],
                           "gap": ds.gap.values[models],
                           "non-finite by step": ds.step.values[diverged_RxM[:, models].argmax(0)]})
-    return Table("diverged", "models frozen after a non-finite loss or parameter",
+    return Table("diverged", "models frozen after a non-finite loss or gradient",
                  frame.set_index("model"))
 
 

@@ -105,7 +105,7 @@ def plot_mechanism(run: phase.SyntheticRun, out: str) -> list[str]:
 
 
 def diverged_lines(run: phase.SyntheticRun) -> list[str]:
-    """One line per model whose loss or parameters became non-finite (frozen since)."""
+    """One line per model whose loss or gradient became non-finite (frozen since)."""
     m = run.metrics
     diverged_RxM, steps = m.read("diverged"), m.read("step")
     lines = []

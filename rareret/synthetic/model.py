@@ -24,6 +24,7 @@ M models, C models per width group, S data streams. The task-tiled layout's axes
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -151,6 +152,45 @@ def to_tiles(rows: jax.Array, tiles: TaskTiles) -> jax.Array:
     return _to_tiles(rows, tiles.slot_row, tiles.row_slot_B)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _group_tiles(hidden_BxN, slot_row, row_slot_B, shapes):
+    batch, out, start = hidden_BxN.shape[0], [], 0
+    padding = slot_row == batch
+    for copies, width in shapes:
+        # One gather per group from its copies' rows [C·B, N] writes [C, slots, N] directly:
+        # gathering [slots, C, N] made XLA transpose it in a second pass.
+        rows_CxB = jnp.swapaxes(
+            hidden_BxN[:, start:start + copies * width].reshape(batch, copies, width), 0, 1)
+        index = batch * jnp.arange(copies)[:, None] + jnp.where(padding, 0, slot_row)
+        tiled = rows_CxB.reshape(copies * batch, width)[index]
+        out.append(jnp.where(padding[:, None], 0.0, tiled))
+        start += copies * width
+    return tuple(out)
+
+
+def _group_tiles_fwd(hidden_BxN, slot_row, row_slot_B, shapes):
+    return _group_tiles(hidden_BxN, slot_row, row_slot_B, shapes), row_slot_B
+
+
+def _group_tiles_bwd(shapes, row_slot_B, grads):
+    # As in `_to_tiles`, a gather, again from the rows [C·slots, N], into [B, C, N] directly.
+    rows = []
+    for g in grads:
+        copies, slots, width = g.shape
+        index = row_slot_B[:, None] + slots * jnp.arange(copies)
+        rows.append(g.reshape(copies * slots, width)[index].reshape(-1, copies * width))
+    return jnp.concatenate(rows, axis=1), None, None
+
+
+_group_tiles.defvjp(_group_tiles_fwd, _group_tiles_bwd)
+
+
+def group_tiles(hidden_BxN: jax.Array, tiles: TaskTiles, shapes) -> tuple:
+    """Each group's columns of `hidden_BxN` [B, ΣN] (task-sorted rows; groups of `shapes`,
+    (C, N) each, side by side) in task-tiled order, [C, slots, N] per group, padding zero."""
+    return _group_tiles(hidden_BxN, tiles.slot_row, tiles.row_slot_B, tuple(shapes))
+
+
 @jax.custom_vjp
 def decode_tiles(hidden: jax.Array, decoders_CxKxTxN: jax.Array,
                  tile_task: jax.Array) -> jax.Array:
@@ -158,11 +198,21 @@ def decode_tiles(hidden: jax.Array, decoders_CxKxTxN: jax.Array,
 
     hidden [C, tiles, rows per tile, N] and tile_task [tiles] → predictions [C, tiles, rows, T].
     """
-    return jnp.einsum("clen,cltn->clet", hidden, decoders_CxKxTxN[:, tile_task])
+    return jnp.einsum("clen,cltn->clet", hidden, _tile_decoders(decoders_CxKxTxN, tile_task))
+
+
+def _tile_decoders(decoders_CxKxTxN: jax.Array, tile_task: jax.Array) -> jax.Array:
+    """decoders_CxKxTxN[:, tile_task], [C, tiles, T, N], as one gather from the copies × tasks
+    rows: indexing axis 1 made XLA gather [tiles, C, T, N] and transpose it, a second pass."""
+    copies, num_tasks = decoders_CxKxTxN.shape[:2]
+    rows = (num_tasks * jnp.arange(copies)[:, None] + tile_task).reshape(-1)
+    flat = decoders_CxKxTxN.reshape(copies * num_tasks, *decoders_CxKxTxN.shape[2:])
+    return flat[rows].reshape(copies, tile_task.shape[0], *decoders_CxKxTxN.shape[2:])
 
 
 def _decode_tiles_fwd(hidden, decoders_CxKxTxN, tile_task):
-    residuals = (hidden, decoders_CxKxTxN[:, tile_task], tile_task, decoders_CxKxTxN.shape[1])
+    residuals = (hidden, _tile_decoders(decoders_CxKxTxN, tile_task), tile_task,
+                 decoders_CxKxTxN.shape[1])
     return decode_tiles(hidden, decoders_CxKxTxN, tile_task), residuals
 
 
@@ -216,20 +266,17 @@ def decoded_losses(params: Params, hidden_BxN: jax.Array, y_SxBxT: jax.Array,
     out, start = [], 0
     for stream in range(num_streams):
         groups = params[stream * groups_per_stream:(stream + 1) * groups_per_stream]
-        stream_width = sum(p["encoder"].shape[0] * p["encoder"].shape[1] for p in groups)
+        shapes = [p["encoder"].shape[:2] for p in groups]
+        stream_width = sum(copies * width for copies, width in shapes)
         stream_tiles = jax.tree.map(lambda a: a[stream], tiles)
-        hidden_slots = to_tiles(hidden_BxN[:, start:start + stream_width], stream_tiles)
+        hidden_groups = group_tiles(hidden_BxN[:, start:start + stream_width], stream_tiles,
+                                    shapes)
+        start += stream_width
         # Targets [tiles, rows per tile, T].
         y_tiles = to_tiles(y_SxBxT[stream], stream_tiles).reshape(num_tiles, tile, task_dim)
-        start += stream_width
-        offset = 0
-        for p in groups:
-            copies, _, _, width = p["decoders"].shape
-            hidden_tiles = hidden_slots[:, offset:offset + copies * width].reshape(
-                num_tiles, tile, copies, width)  # [tiles, rows, C, N]
-            offset += copies * width
-            pred = decode_tiles(jnp.transpose(hidden_tiles, (2, 0, 1, 3)),
-                                p["decoders"], stream_tiles.tile_task)  # [C, tiles, rows, T]
+        for p, hidden, (copies, width) in zip(groups, hidden_groups, shapes):
+            pred = decode_tiles(hidden.reshape(copies, num_tiles, tile, width), p["decoders"],
+                                stream_tiles.tile_task)  # [C, tiles, rows, T]
             err = pred - y_tiles
             out.append(jnp.sum(err * err, axis=(1, 2, 3)))
     return jnp.concatenate(out) / (batch * task_dim)

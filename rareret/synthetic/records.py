@@ -40,8 +40,8 @@ def record_specs(program: SweepProgram) -> dict[str, store.RecordSpec]:
             {"description": "residual common-task signal sum_{k in F} pi_k (1 - s_k) Tr(C_k)"}),
         "diverged": store.RecordSpec(
             (M,), bool, ("model",),
-            {"description": "the model's loss or parameters became non-finite; it is frozen at "
-                            "its last finite state"}),
+            {"description": "the model's loss or gradient became non-finite; it is frozen at "
+                            "its state before that step"}),
     }
     if program.tracks_rare:
         specs["rare_rate"] = store.RecordSpec(

@@ -26,7 +26,6 @@ from fractions import Fraction
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from rareret import interference
@@ -247,15 +246,14 @@ class SweepProgram(Program):
         """The state after steps start … stop − 1 (`train_loss`: their mean loss per model)."""
         return self.train_chunk(state, stop - start, start)
 
-    def _optimizer(self, rule, learning_rate):
+    def _optimizer(self, rule, learning_rate) -> optim.Optimizer:
         """The paper's AdamW; under an aggregating rule, after combining per-task encoder
         gradients (PCGrad's order seeded by `Sweep.data_seed`)."""
-        adamw = optim.paper_adamw(learning_rate, self.sweep.warmup_steps, self.sweep.weight_decay)
-        if rule == "adamw":
-            return adamw
-        rules = {"pcgrad": lambda: aggregators.pcgrad(self.sweep.data_seed),
+        rules = {"adamw": lambda: None,
+                 "pcgrad": lambda: aggregators.pcgrad(self.sweep.data_seed),
                  "cagrad": aggregators.cagrad}
-        return optim.aggregated(rules[rule](), adamw)
+        return optim.Optimizer(learning_rate, self.sweep.warmup_steps, self.sweep.weight_decay,
+                               rules[rule]())
 
     def _per_group(self, fn, *trees):
         """Applies `fn(rule, learning_rate, *leaves)` vmapped over the models of each group."""
@@ -389,39 +387,26 @@ class SweepProgram(Program):
         return losses_M, tuple(grads)
 
     def _apply_updates(self, state, losses_M, grads):
-        """Each model's optimiser step; a model that turns non-finite is frozen and flagged."""
-        params, opt_state = state["params"], state["opt_state"]
+        """Each model's optimiser step (`optim.Optimizer.step`); a model whose loss or gradient
+        is non-finite is frozen as it was before the step and flagged for good."""
+        frozen_GxC = (state["diverged"] | ~jnp.isfinite(losses_M)).reshape(
+            self.layout.num_groups, self.layout.copies)
 
-        def update(rule, lr, g, s, p):
-            updates, s = self._optimizer(rule, lr).update(g, s, p)
-            return optax.apply_updates(p, updates), s
+        def step(rule, lr, frozen, g, s, p):
+            return self._optimizer(rule, lr).step(g, s, p, frozen)
 
-        updated = self._per_group(update, grads, opt_state, params)
-        finite_M = jnp.isfinite(losses_M) & jnp.concatenate(
-            [all_finite_per_copy(new_p) for new_p, _ in updated])
-        diverged_M = state["diverged"] | ~finite_M
-        frozen_GxC = diverged_M.reshape(self.layout.num_groups, self.layout.copies)
-
-        def keep(frozen_C, new, old):  # Per model: the update, or the last finite state.
-            return jax.tree.map(lambda n, o: jnp.where(
-                frozen_C.reshape((-1,) + (1,) * (n.ndim - 1)), o, n), new, old)
-
-        def frozen_kept():
-            return (tuple(keep(f, u[0], p) for f, u, p in zip(frozen_GxC, updated, params)),
-                    tuple(keep(f, u[1], s) for f, u, s in zip(frozen_GxC, updated, opt_state)))
-
-        # The select runs only once some model has diverged (the common case skips it).
-        new_params, new_opt_state = jax.lax.cond(
-            jnp.any(diverged_M), frozen_kept,
-            lambda: (tuple(u[0] for u in updated), tuple(u[1] for u in updated)))
-        return {**state, "params": new_params, "opt_state": new_opt_state,
-                "diverged": diverged_M}
+        stepped = self._per_group(step, frozen_GxC, grads, state["opt_state"], state["params"])
+        params, opt_state, frozen_C = zip(*stepped)
+        return {**state, "params": params, "opt_state": opt_state,
+                "diverged": jnp.concatenate(frozen_C)}
 
     def _train_chunk(self, state, num_steps, first_step):
         """`num_steps` steps from `first_step`; `train_loss` becomes their mean loss [M].
 
-        A model whose loss or parameters become non-finite is frozen at its last finite state
-        and flagged in `state["diverged"]`; the others are unaffected.
+        A model is frozen at its state before the first step whose batch loss or gradient (the
+        norm AdamW clips by) is non-finite, and flagged in `state["diverged"]`; the others are
+        unaffected. That is its last finite state unless an update overflowed float32 (a
+        learning rate near 1e38: `optim.Optimizer.step`).
         """
         sums = (jnp.zeros(self.layout.num_models, jnp.float32),)  # Loss, [rare examples].
         if self.tracks_rare:
@@ -517,12 +502,6 @@ def model_device_grid(copies: int, devices) -> list[list]:
             return [[d for devices_p in lists for d in devices_p[:shards // processes]]]
     shards = max(s for s in range(1, per_process + 1) if copies % s == 0)
     return [devices_p[:shards] for devices_p in lists]
-
-
-def all_finite_per_copy(group: dict) -> jax.Array:
-    """[C]: whether every parameter of each model in a group is finite."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
-                              for leaf in jax.tree.leaves(group)]), axis=0)
 
 
 def spec_dict(mixture: TaskMixture, sweep: Sweep, injection: Injection | None) -> dict:
