@@ -31,6 +31,21 @@ RECORDS = ("step", "train_loss", "task_loss", "alignment", "delta_f", "diverged"
            "interference", "interference_gram", "grad_norm", "rare_frequent_cosine")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The launches here (the same configs, over and over) take their compiled programs from
+    one persistent cache, passed to them through the environment."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")) as cache_env:
+        saved = {name: os.environ.get(name) for name in cache_env}
+        os.environ.update(cache_env)
+        yield
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
 def command(workdir):
     return [sys.executable, "-m", "rareret.main", "--noreport", f"--workdir={workdir}",
             *[f"--gin_bindings={b}" for b in BINDINGS]]
@@ -259,29 +274,24 @@ def check_lm_evidence(workdir, arrays) -> None:
 
 
 def test_lm_kill9_at_three_points_resumes_bit_identically(tmp_path):
-    # The five launches compile the same programs: all but the first take them from a cache.
-    with persistent_compilation_cache(tmp_path / "xla_cache") as cache_env:
-        env = {**os.environ, **cache_env}
-        reference = tmp_path / "reference"
-        proc = subprocess.run(lm_command(reference), capture_output=True, text=True,
-                              timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr
-        expected = lm_arrays(reference)
-        check_lm_evidence(reference, expected)
-        workdir = tmp_path / "run"
-        for records in (3, 6, 10):  # Between checkpoints and right after them (of 13).
-            proc = subprocess.Popen(lm_command(workdir), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, env=env)
-            try:
-                while committed(workdir) < records and proc.poll() is None:
-                    time.sleep(0.02)
-                assert proc.poll() is None, "the run finished before it was killed"
-                proc.kill()
-            finally:
-                proc.wait()
-        proc = subprocess.run(lm_command(workdir), capture_output=True, text=True,
-                              timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr
+    reference = tmp_path / "reference"
+    proc = subprocess.run(lm_command(reference), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = lm_arrays(reference)
+    check_lm_evidence(reference, expected)
+    workdir = tmp_path / "run"
+    for records in (3, 6, 10):  # Between checkpoints and right after them (of 13).
+        proc = subprocess.Popen(lm_command(workdir), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            while committed(workdir) < records and proc.poll() is None:
+                time.sleep(0.02)
+            assert proc.poll() is None, "the run finished before it was killed"
+            proc.kill()
+        finally:
+            proc.wait()
+    proc = subprocess.run(lm_command(workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     resumed = lm_arrays(workdir)
     for name, values in expected.items():
         np.testing.assert_array_equal(resumed[name], values, err_msg=name)

@@ -13,8 +13,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from rareret import store
+from xla_cache import persistent_compilation_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BINDINGS = ["TaskMixture.num_tasks = 6", "TaskMixture.task_dim = 4",
@@ -30,8 +32,21 @@ def argv(workdir, *extra) -> list[str]:
             "--noprogress", *[f"--gin_bindings={b}" for b in BINDINGS], *extra]
 
 
+CACHE_ENV: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The two two-process launches compile the same programs: the second takes them from a
+    persistent cache."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")) as cache_env:
+        CACHE_ENV.update(cache_env)
+        yield
+        CACHE_ENV.clear()
+
+
 def env(devices: int = 1) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
+    return {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_ENV,
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
