@@ -182,7 +182,9 @@ def test_report_of_a_plain_lm_run_and_a_run_in_progress(tmp_path):
     writer.truncate(1)  # As if only the first record were committed ...
     writer._write_rows(1, {name: np.asarray(v[1:2], np.int64 if name == "step" else np.float32)
                            for name, v in base_arrays().items()})  # ... and one in flight.
-    assert report_cli(workdir).returncode == 0
+    proc = report_cli(workdir)
+    assert proc.returncode == 0
+    assert "Warning" not in proc.stderr, proc.stderr  # Plots of all-NaN lines: no empty legends.
     text = (workdir / "report" / "report.md").read_text()
     assert "records: 1 committed, last step 0 of 40" in text
     assert table_rows(text)["cmp"][2:6] == ["–", "0.000", "0.000", "never"]

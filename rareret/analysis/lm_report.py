@@ -215,7 +215,7 @@ def plot_losses(run: LmRun, path: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("next-token cross-entropy")
     ax.set_title("language-model loss")
-    ax.legend(fontsize=8)
+    figures.legend(ax, fontsize=8)
     figures.save(fig, path)
 
 
@@ -232,7 +232,7 @@ def plot_tasks(run: LmRun, path: str) -> None:
     acc_ax.set_ylim(-0.02, 1.02)
     for ax in (loss_ax, acc_ax):
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        figures.legend(ax, fontsize=8)
     loss_ax.set_title("task loss")
     acc_ax.set_title("task accuracy")
     figures.save(fig, path)
@@ -266,7 +266,7 @@ def plot_representations(run: LmRun, panels: list[tuple[int, str]], path: str) -
         else:
             ax.set_ylabel("Fourier modes")
             ax.set_title(f"{run.tasks[k]} (add): Fourier modes per layer")
-        ax.legend(fontsize=7, ncol=2)
+        figures.legend(ax, fontsize=7, ncol=2)
     figures.save(fig, path)
 
 
@@ -296,7 +296,7 @@ def plot_ablation(run: LmRun, rise_KxN: np.ndarray, path: str) -> None:
     ax.set_xlabel("block whose MLP output is zeroed")
     ax.set_ylabel("rise in task loss with the MLP output zeroed")
     ax.set_title("MLP ablation (last ablation record)")
-    ax.legend(fontsize=8)
+    figures.legend(ax, fontsize=8)
     figures.save(fig, path)
 
 
@@ -312,7 +312,7 @@ def plot_gradients(run: LmRun, tasks: list[int], path: str) -> None:
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_xlabel("step")
         ax.set_title(f"{run.tasks[k]}: cosine with the task gradient")
-        ax.legend(fontsize=8)
+        figures.legend(ax, fontsize=8)
     axes[0, 0].set_ylabel("cosine (first-layer MLP, top neurons)")
     figures.save(fig, path)
 
