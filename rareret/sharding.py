@@ -51,12 +51,17 @@ def check_divisible(shapes, shardings) -> None:
     flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
     flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     for (path, shape), sharding in zip(flat_shapes, flat_shardings):
-        for dim, axes in zip(shape.shape, sharding.spec):
-            axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        for dim, entry in zip(shape.shape, sharding.spec):
+            axes = entry_axes(entry)
             size = math.prod(sharding.mesh.shape[a] for a in axes)
             require(dim % size == 0,
                     f"parameter {jax.tree_util.keystr(path)} dimension {dim} is not divisible by "
                     f"mesh axes {axes} of size {size}; choose a mesh that divides the model")
+
+
+def entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes one `PartitionSpec` entry splits a dimension over (None: none)."""
+    return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -20,10 +20,11 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
+from rareret import sharding
 from rareret.lm import model as lm_model
 from rareret.lm.config import OlmoConfig
 
-BATCH_AXES = ("data", "fsdp")  # `rareret.sharding.RULES`: batch → (data, fsdp).
+BATCH_AXES = dict(sharding.RULES)["batch"]  # The mesh axes a batch's rows are split over.
 
 
 def applies(mesh: Mesh) -> bool:
@@ -58,8 +59,7 @@ def loss_and_grads(config: OlmoConfig, mesh: Mesh, param_specs, params, tokens_B
 
 def _unsplit_batch_axes(spec: PartitionSpec) -> tuple[str, ...]:
     """The batch axes a parameter with mesh `spec` is not split over."""
-    split = {a for entry in spec if entry is not None
-             for a in (entry if isinstance(entry, tuple) else (entry,))}
+    split = {a for entry in spec for a in sharding.entry_axes(entry)}
     return tuple(a for a in BATCH_AXES if a not in split)
 
 

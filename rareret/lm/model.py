@@ -49,12 +49,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rareret import sharding
 from rareret.errors import require
 from rareret.lm.config import DTYPE_NAMES, OlmoConfig
 
 DTYPES = {name: jnp.dtype(name) for name in DTYPE_NAMES}
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab")
-FSDP_AXIS = "fsdp"  # The mesh axis `rareret.sharding.RULES` splits `embed` over.
+FSDP_AXIS = dict(sharding.RULES)["embed"]  # The mesh axis a parameter's `embed` is split over.
 _INIT = nn.initializers.truncated_normal(0.02, lower=-3.0, upper=3.0)
 
 
