@@ -283,8 +283,9 @@ def test_sweep_population_matches_sampled_on_a_large_batch():
     population = sweep.SweepProgram(SWEEP_MIX, sweep_spec("population"))
     sampled = sweep.SweepProgram(SWEEP_MIX, sweep_spec("sampled"))
     params = random_params(population.layout)
-    exact = jax.device_get(population.interference(params, 3))
-    noisy = jax.device_get(sampled.interference(params, 3))
+    stored = sweep.stacked(params, len(population.data_streams))  # As a sweep's state holds them.
+    exact = jax.device_get(population.interference(stored, 3))
+    noisy = jax.device_get(sampled.interference(stored, 3))
     M, K = population.layout.num_models, SWEEP_MIX.num_tasks
     assert exact["interference"].shape == (M, K, K) and exact["grad_norm"].shape == (M, K)
     assert exact["rare_frequent_cosine"].shape == (M,)
@@ -317,7 +318,8 @@ def test_sampled_interference_uses_each_models_own_stream():
     for step in (1, 2):  # Step 1: only the gap-2 stream injects; step 2: only the gap-3 one.
         injecting_M = step % gap_M == gap_M - 1
         assert injecting_M.any() and not injecting_M.all()
-        out = jax.device_get(program.interference(params, step))
+        out = jax.device_get(program.interference(
+            sweep.stacked(params, len(program.data_streams)), step))
         np.testing.assert_array_equal(out["grad_norm"][:, rare] > 0, injecting_M)
         np.testing.assert_array_equal(np.isnan(out["rare_frequent_cosine"]), ~injecting_M)
         x, y_SxBxT, task_SxB = batch(step)

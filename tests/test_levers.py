@@ -47,7 +47,8 @@ def test_each_model_gets_exactly_its_rare_rate():
     # Multiplier-1 models train bit for bit as in the sweep without the knob.
     plain = sweep.SweepProgram(MIX, Sweep(**{**vars(spec), "rare_multiplier": None}))
     plain_params = plain.train(plain.init(), 0, 60)["params"]
-    for a, b in zip(jax.tree.leaves(plain_params), jax.tree.leaves(state["params"][:2])):
+    for a, b in zip(jax.tree.leaves(sweep.unstacked(plain_params)),
+                    jax.tree.leaves(sweep.unstacked(state["params"])[:2])):
         np.testing.assert_array_equal(a, b)
     draw = jax.jit(jax.vmap(lambda t, priors: tasks.sample_tasks(tasks.batch_key(0, t), 128,
                                                                  priors), in_axes=(0, None)))
@@ -221,7 +222,7 @@ def direct_first_step(program, m, rule):
     """Model m's first update from independent code: per-task encoder rows by autodiff of the
     per-example loss, the rule applied to explicit vectors, clipping and Adam's first step."""
     group, copy = divmod(m, program.layout.copies)
-    params = program.init()["params"][group]
+    params = sweep.unstacked(program.init()["params"])[group]
     enc, dec = (np.asarray(params[name][copy], np.float64) for name in ("encoder", "decoders"))
     x, y, task = jax.device_get(program.batch(0))
     stream = program.stream_M[m]
@@ -282,12 +283,13 @@ def test_first_step_under_a_rule_equals_a_direct_computation(first_step, rule):
     group, copy = divmod(m, program.layout.copies)
     # Adam's first moment after one step is 0.1 × the clipped combined gradient.
     mu = jax.tree.map(lambda a: np.asarray(a[copy]),
-                      optax.tree_utils.tree_get(state["opt_state"][group], "mu"))
+                      optax.tree_utils.tree_get(
+                          sweep.unstacked(state["opt_state"])[group], "mu"))
     for name in ("encoder", "decoders"):
         scale = np.abs(clipped[name]).max()
         np.testing.assert_allclose(mu[name] / 0.1, clipped[name], rtol=1e-4, atol=1e-5 * scale,
                                    err_msg=name)
-        got = np.asarray(state["params"][group][name][copy])
+        got = np.asarray(sweep.unstacked(state["params"])[group][name][copy])
         # Adam's first step is ≈ ±rate per coordinate: compare where the gradient is not ~0.
         big = np.abs(clipped[name]) > 1e-3 * scale
         np.testing.assert_allclose(got[big], new[name][big], rtol=1e-5, atol=1e-7, err_msg=name)

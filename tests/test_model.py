@@ -69,7 +69,7 @@ def model_slice(params, layout, m):
 def test_packed_models_follow_models_trained_alone():
     program = sweep.SweepProgram(MIXTURE, SWEEP)
     state = program.init()
-    initial = jax.tree.map(np.array, state["params"])
+    initial = jax.tree.map(np.array, sweep.unstacked(state["params"]))
     packed_losses = []
     for t in range(SWEEP.num_steps):
         state = program.train(state, t, t + 1)
@@ -92,9 +92,9 @@ def test_packed_models_follow_models_trained_alone():
 
 
 def test_init_depends_only_on_seed_and_width():
-    both = sweep.SweepProgram(MIXTURE, SWEEP).init()["params"]
+    both = sweep.unstacked(sweep.SweepProgram(MIXTURE, SWEEP).init()["params"])
     alone_spec = Sweep(widths=(12,), seeds=(3,), batch_size=96, num_steps=1, record_every=1)
-    alone = sweep.SweepProgram(MIXTURE, alone_spec).init()["params"]
+    alone = sweep.unstacked(sweep.SweepProgram(MIXTURE, alone_spec).init()["params"])
     group = SWEEP.widths.index(12)
     copy = SWEEP.seeds.index(3) * len(SWEEP.learning_rates)
     for name in ("encoder", "decoders"):
@@ -226,11 +226,11 @@ def test_clipping_is_per_model_when_it_binds():
     as if each were trained alone: the clip's global norm is each model's own, not the group's."""
     program = sweep.SweepProgram(MIXTURE, CLIP_SWEEP)
     state = program.init()
-    initial = jax.tree.map(np.array, state["params"])
+    initial = jax.tree.map(np.array, sweep.unstacked(state["params"]))
     norms_fn = jax.jit(functools.partial(per_model_grad_norms, program))
     packed_losses, norms = [], []
     for t in range(CLIP_SWEEP.num_steps):
-        norms.append(np.asarray(norms_fn(state["params"], t)))
+        norms.append(np.asarray(norms_fn(sweep.unstacked(state["params"]), t)))
         state = program.train(state, t, t + 1)
         packed_losses.append(np.asarray(state["train_loss"]))
     packed_losses, norms = np.stack(packed_losses, axis=1), np.stack(norms)
@@ -242,7 +242,7 @@ def test_clipping_is_per_model_when_it_binds():
     # norms stay below the clip (measured ≤ 0.81).
     assert norms[1:, forced].min() > 10, norms[:, forced].min(axis=0)
     assert norms[:, ~forced].max() < 1, norms[:, ~forced].max(axis=0)
-    final = jax.tree.map(np.asarray, state["params"])
+    final = jax.tree.map(np.asarray, sweep.unstacked(state["params"]))
     for m in range(program.layout.num_models):  # Every copy of every width.
         alone = model_slice(initial, program.layout, m)
         trained, ref_losses = reference_run(

@@ -28,7 +28,7 @@ def test_a_chunk_trains_each_step_on_that_steps_batch():
     program = sweep.SweepProgram(mixture, spec)
 
     @jax.jit
-    def step(state, t):
+    def step(state, t):  # On the state as the packed model holds it (`per_stream`).
         x_BxD, y_SxBxT, task_SxB = program.batch(t)
         tiles = jax.vmap(lambda task_B: model.task_tiles(
             task_B, mixture.num_tasks, spec.tile_size))(task_SxB)
@@ -36,7 +36,7 @@ def test_a_chunk_trains_each_step_on_that_steps_batch():
         rare_S = jax.numpy.sum(task_SxB == program.rare_task, axis=1)
         return program._apply_updates(state, losses_M, grads), losses_M, rare_S
 
-    state, losses, rare = program.init(), [], []
+    state, losses, rare = per_stream(program.init()), [], []
     for t in range(spec.num_steps):
         state, losses_M, rare_S = step(state, t)
         losses.append(losses_M)
@@ -45,8 +45,15 @@ def test_a_chunk_trains_each_step_on_that_steps_batch():
     np.testing.assert_allclose(chunk["train_loss"], np.mean(losses, axis=0), rtol=1e-5)
     np.testing.assert_allclose(
         chunk["rare_rate"], np.mean(rare, axis=0)[program.stream_M] / spec.batch_size, rtol=1e-6)
-    for got, want in zip(jax.tree.leaves(chunk["params"]), jax.tree.leaves(state["params"])):
+    for got, want in zip(jax.tree.leaves(sweep.unstacked(chunk["params"])),
+                         jax.tree.leaves(state["params"])):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def per_stream(state):
+    """`state` with its grouped entries as the packed model holds them: one group per (stream,
+    width), copies first (`sweep.unstacked`)."""
+    return {**state, **{name: sweep.unstacked(state[name]) for name in sweep.GROUPED_STATE}}
 
 
 def test_phase_diagram_matches_theorem3(tmp_path):
@@ -134,7 +141,7 @@ def stepwise(learning_rates):
 
 def copy_params(params, c):
     """Copy c's parameters in every width group."""
-    return [leaf[c] for leaf in jax.tree.leaves(params)]
+    return [leaf[c] for leaf in jax.tree.leaves(sweep.unstacked(params))]
 
 
 def test_a_diverging_model_is_frozen_at_its_last_finite_state():
@@ -163,7 +170,7 @@ def test_a_non_finite_loss_alone_freezes_its_model():
     overflows) is frozen and flagged; the others take their step."""
     program = sweep.SweepProgram(DIVERGENCE_MIXTURE, Sweep(learning_rate=(1e-3, 2e-3),
                                                            **DIVERGENCE_SWEEP))
-    state = program.init()
+    state = per_stream(program.init())
     x_BxD, y_SxBxT, task_SxB = program.batch(0)
     tiles = jax.vmap(lambda task_B: model.task_tiles(
         task_B, DIVERGENCE_MIXTURE.num_tasks, program.sweep.tile_size))(task_SxB)

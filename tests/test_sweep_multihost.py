@@ -1,8 +1,9 @@
 """A synthetic sweep over two CPU processes of two devices each (`--distributed`, gloo over
-127.0.0.1) through the real CLI: its 4 copies per width group are split over the 4 devices
+127.0.0.1) through the real CLI: its two data streams (rare-task multipliers 1 and 2) are split
+over the processes and its 4 copies per width group over each process's 2 devices
 (`sweep.model_mesh`); process 0 alone claims the workdir (with --overwrite: clears it once,
 before any peer writes) and writes the metrics; both write their shards of the checkpoint; the
-arrays equal a one-device run's bit for bit, and so do they after a resume."""
+arrays equal a one-device run's to float32 rounding, and a resume repeats them bit for bit."""
 
 import json
 import os
@@ -21,6 +22,7 @@ from xla_cache import persistent_compilation_cache
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BINDINGS = ["TaskMixture.num_tasks = 6", "TaskMixture.task_dim = 4",
             "TaskMixture.input_dim = 32", "Sweep.widths = [2, 4, 8]", "Sweep.seeds = [0, 1, 2, 3]",
+            "Sweep.rare_multiplier = [1, 2]",
             "Sweep.batch_size = 64", "Sweep.num_steps = 300", "Sweep.record_every = 50",
             "Sweep.checkpoint_every = 100"]
 

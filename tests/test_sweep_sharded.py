@@ -1,12 +1,14 @@
-"""A sweep's model copies split over a device mesh (`sweep.model_mesh`) train as on one device:
-the same parameters, optimiser state, losses, metrics and interference, to float32 rounding.
+"""A sweep's models split over a device mesh (`sweep.model_mesh`: data streams × copies) train
+as on one device: the same parameters, optimiser state, losses, metrics and interference, to
+float32 rounding.
 
 The comparison runs in a subprocess with 8 forced CPU devices (XLA_FLAGS must be set before JAX
-starts): a sweep with 8 copies per width group (4 seeds × 2 learning rates) under two update
-rules and two rare-task multipliers with injection (8 groups, 64 models) on 1 and on 8 devices,
-and its first 3 seeds (6 copies) on 6 of the 8 devices, which must equal those seeds' models in
-the 8-copy sweep (a model depends only on its seed, width, rate and stream). The two-process
-split (gloo) is `tests/test_sweep_multihost.py`.
+starts): a sweep with two data streams (rare-task multipliers 1 and 2, with injection) and 8
+copies per width group (4 seeds × 2 learning rates) under two update rules (8 groups, 64 models)
+on 1 device and on 8 (2 stream shards × 4 copy shards); its first 3 seeds (6 copies) on 6 of the
+8 devices (2 × 3), which must equal those seeds' models in the 8-copy sweep (a model depends
+only on its seed, width, rate and stream); and a one-stream sweep on 1 and on 8 devices (copies
+only). The two-process split (gloo) is `tests/test_sweep_multihost.py`.
 """
 
 import dataclasses
@@ -47,31 +49,39 @@ def devices(processes: int, per_process: int) -> list[FakeDevice]:
             for i in range(per_process)]
 
 
-def ids(grid) -> list[list[int]]:
-    return [[d.id for d in row] for row in grid]
-
-
-@pytest.mark.parametrize("copies, processes, per_process, expected", [
-    (8, 1, 8, [[0, 1, 2, 3, 4, 5, 6, 7]]),
-    (6, 1, 8, [[0, 1, 2, 3, 4, 5]]),  # The largest divisor of the copies.
-    (1, 1, 8, [[0]]),
-    (4, 2, 4, [[0, 1, 4, 5]]),  # Two from each process.
-    (8, 2, 4, [[0, 1, 2, 3, 4, 5, 6, 7]]),
-    (6, 2, 4, [[0, 1, 2, 4, 5, 6]]),
-    (3, 2, 4, [[0, 1, 2], [4, 5, 6]]),  # Odd copies: each process holds the whole sweep.
-    (1, 2, 1, [[0], [1]]),
+@pytest.mark.parametrize("streams, copies, processes, per_process, expected", [
+    (1, 8, 1, 8, [[[0, 1, 2, 3, 4, 5, 6, 7]]]),
+    (1, 6, 1, 8, [[[0, 1, 2, 3, 4, 5]]]),  # The largest divisor of the copies.
+    (1, 1, 1, 8, [[[0]]]),
+    (2, 8, 1, 8, [[[0, 1, 2, 3], [4, 5, 6, 7]]]),  # As many devices either way: streams first.
+    (3, 2, 1, 8, [[[0, 1], [2, 3], [4, 5]]]),
+    (4, 3, 1, 8, [[[0, 1, 2], [3, 4, 5]]]),  # 2 × 3 uses more devices than 4 × 1.
+    (1, 4, 2, 4, [[[0, 1, 4, 5]]]),  # Two from each process.
+    (1, 8, 2, 4, [[[0, 1, 2, 3, 4, 5, 6, 7]]]),
+    (1, 6, 2, 4, [[[0, 1, 2, 4, 5, 6]]]),
+    (2, 3, 2, 4, [[[0, 1, 2], [4, 5, 6]]]),  # A stream per process.
+    (2, 4, 2, 2, [[[0, 1], [2, 3]]]),  # tests/test_sweep_multihost.py's split.
+    (1, 3, 2, 4, [[[0, 1, 2]], [[4, 5, 6]]]),  # Odd copies: each process holds the whole sweep.
+    (3, 1, 2, 4, [[[0], [1], [2]], [[4], [5], [6]]]),
+    (1, 1, 2, 1, [[[0]], [[1]]]),
 ])
-def test_copies_are_split_evenly_over_processes(copies, processes, per_process, expected):
-    assert ids(sweep.model_device_grid(copies, devices(processes, per_process))) == expected
+def test_models_are_split_evenly_over_processes(streams, copies, processes, per_process,
+                                                expected):
+    grid = sweep.model_device_grid(streams, copies, devices(processes, per_process))
+    assert [[[d.id for d in row] for row in replica] for replica in grid] == expected
+
+
+ONE_STREAM = dataclasses.replace(SWEEP, rare_multiplier=None)
+RUNS = {"1": (SWEEP, 1), "8": (SWEEP, 8),
+        "6 of 8": (dataclasses.replace(SWEEP, seeds=(0, 1, 2)), 8),
+        "one stream, 1": (ONE_STREAM, 1), "one stream, 8": (ONE_STREAM, 8)}
 
 
 def sharded_run() -> dict:
-    """Trains, evaluates and measures interference on 1 and 8 devices, and 6 copies on 6."""
+    """Trains, evaluates and measures interference on each of `RUNS`."""
     assert jax.device_count() == 8, jax.devices()
     out = {}
-    for name, (spec, count) in {"1": (SWEEP, 1), "8": (SWEEP, 8),
-                                "6 of 8": (dataclasses.replace(SWEEP, seeds=(0, 1, 2)), 8)
-                                }.items():
+    for name, (spec, count) in RUNS.items():
         program = sweep.SweepProgram(MIX, spec, INJECTION, devices=jax.devices()[:count])
         state = program.init()
         encoder = state["params"][-1]["encoder"]
@@ -93,7 +103,7 @@ def leaves(tree) -> dict:
 
 def first_copies(run: dict, copies: int) -> dict:
     """A run's arrays restricted to the first `copies` copies of each width group."""
-    grouped = {k: np.asarray(v)[:copies] for k, v in run["grouped"].items()}
+    grouped = {k: np.asarray(v)[:, :copies] for k, v in run["grouped"].items()}
     per_model = {}
     for key, value in run["per_model"].items():
         value = np.asarray(value)
@@ -109,18 +119,22 @@ def test_sharded_sweep_equals_one_device():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert runs["1"]["mesh"] == {"replica": 1, "copies": 1}
-    assert runs["8"]["mesh"] == {"replica": 1, "copies": 8}
-    assert runs["6 of 8"]["mesh"] == {"replica": 1, "copies": 6}
-    for name in ("8", "6 of 8"):
-        assert runs[name]["encoder_spec"] == str(PartitionSpec("copies")), name
-        assert runs[name]["encoder_shard"] == [1, 4, 32], name  # One copy per device.
+    meshes = {name: (run["mesh"]["replica"], run["mesh"]["streams"], run["mesh"]["copies"])
+              for name, run in runs.items()}
+    assert meshes == {"1": (1, 1, 1), "8": (1, 2, 4), "6 of 8": (1, 2, 3),
+                      "one stream, 1": (1, 1, 1), "one stream, 8": (1, 1, 8)}
+    # The widest group's encoders [data streams, copies, width, D], split over both axes.
+    shards = {"8": [1, 2, 4, 32], "6 of 8": [1, 2, 4, 32], "one stream, 8": [1, 1, 4, 32]}
+    for name, shard in shards.items():
+        assert runs[name]["encoder_spec"] == str(PartitionSpec("streams", "copies")), name
+        assert runs[name]["encoder_shard"] == shard, name
     one = first_copies(runs["1"], 8)
     names = one.keys()
     assert any("rare_rate" in k for k in names) and any("interference" in k for k in names)
     assert any("mu" in k for k in names) and np.isfinite(one["['interference']"]).mean() > 0.5
-    for name, copies in (("8", 8), ("6 of 8", 6)):
-        got, want = first_copies(runs[name], copies), first_copies(runs["1"], copies)
+    for name, reference, copies in (("8", "1", 8), ("6 of 8", "1", 6),
+                                    ("one stream, 8", "one stream, 1", 8)):
+        got, want = first_copies(runs[name], copies), first_copies(runs[reference], copies)
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_allclose(got[key], want[key], rtol=RTOL, atol=ATOL,

@@ -5,9 +5,10 @@ rare-task multiplier × update rule) in one jitted program, run by `rareret.run.
 `fori_loop`, so irregular record schedules never recompile), exact population metrics, and
 per-task gradient interference. All models see the same inputs; each (gap, rare multiplier,
 update rule) gets its own stream of task ids over those inputs (streams that differ only in
-the update rule draw the same ids). The model copies of every width group (seeds × learning
-rates) are split over the devices of a mesh (`model_mesh`); each device runs the same packed
-program on its share and draws the shared batch itself. The specs are in
+the update rule draw the same ids). The models are split over the devices of a
+("replica", "streams", "copies") mesh (`model_mesh`): their data streams (gap × rare multiplier)
+over one axis, their copies (seeds × learning rates) over the other; each device runs the same
+packed program on its share and draws the shared batch itself. The specs are in
 `rareret.synthetic.spec`, the arrays it records in `rareret.synthetic.records`.
 
 Shapes (docs/method.md "Shape letters"): B batch, D input dim, K tasks, T task dim, M models,
@@ -35,14 +36,19 @@ from rareret.synthetic import aggregators, model, optim, records, tasks, theory
 from rareret.synthetic.spec import (UPDATE_RULES, Injection, Sweep, TaskMixture,
                                     multiplied_priors, rarest_task)
 
+STREAMS_AXIS = "streams"  # The mesh axis a sweep's data streams are split over.
 COPIES_AXIS = "copies"  # The mesh axis a sweep's model copies are split over.
-GROUPED_STATE = ("params", "opt_state")  # State entries held per width group, copy axis first.
+# State entries held per (update rule, width) group, [data streams, copies, ...] (`stacked`).
+GROUPED_STATE = ("params", "opt_state")
 
 
 class SweepProgram(Program):
     """The compiled pieces of a sweep: init, a chunk of training steps, metrics, interference.
 
-    The state is {"params", "opt_state", "diverged" [M], "train_loss" [M]}: `train_loss` is the
+    The state is {"params", "opt_state", "diverged" [M], "train_loss" [M]}: "params" and
+    "opt_state" hold one entry per (update rule, width) group with the data streams stacked in
+    front, [data streams, copies, ...] (`stacked`; `unstacked` gives the packed model's one
+    group per (stream, width)), split over the mesh; `train_loss` is the
     mean batch loss of each model over the last `train` call (NaN at step 0). With
     `Sweep.rare_multiplier` set it also holds `rare_rate` [M], the fraction of rare-task examples
     in the batches of that call (NaN at step 0).
@@ -50,14 +56,16 @@ class SweepProgram(Program):
 
     def __init__(self, mixture: TaskMixture, sweep: Sweep,
                  injection: Injection | None = None, devices=None):
-        """`devices`: where the sweep's model copies are split (`model_mesh`; default all)."""
+        """`devices`: where the sweep's models are split (`model_mesh`; default all)."""
         if injection:
             injection.check_against(mixture, sweep.batch_size)
         sweep.check_against(mixture, injection)
         self.mixture, self.sweep, self.injection = mixture, sweep, injection
         gaps = injection.gaps if injection else (0,)
-        # One data stream per (gap, rare multiplier, update rule), stream-major groups.
-        self.streams = list(itertools.product(gaps, sweep.rare_multipliers, sweep.update_rules))
+        # One stream per (gap, rare multiplier, update rule), stream-major groups; streams that
+        # differ only in the rule share a data stream (gap, rare multiplier).
+        self.data_streams = list(itertools.product(gaps, sweep.rare_multipliers))
+        self.streams = [(*data, rule) for data in self.data_streams for rule in sweep.update_rules]
         self.layout = model.PackedLayout(
             widths=tuple(sweep.widths), copies=len(sweep.seeds) * len(sweep.learning_rates),
             num_tasks=mixture.num_tasks, task_dim=mixture.task_dim, input_dim=mixture.input_dim,
@@ -86,21 +94,21 @@ class SweepProgram(Program):
         self.learning_rate_M = jnp.asarray(self.model_coords["learning_rate"])
         self._streams = self._stream_tables()
         self.checkpoint_every = sweep.checkpoint_every
-        self.mesh = model_mesh(self.layout.copies, devices)
+        self.mesh = model_mesh(len(self.data_streams), self.layout.copies, devices)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        by_copy = NamedSharding(self.mesh, PartitionSpec(COPIES_AXIS))
+        by_group = NamedSharding(self.mesh, PartitionSpec(STREAMS_AXIS, COPIES_AXIS))
 
         def placed(name, leaves):  # Parameters and optimiser state split; [M] arrays whole.
-            sharding = by_copy if name in GROUPED_STATE else self.replicated
+            sharding = by_group if name in GROUPED_STATE else self.replicated
             return jax.tree.map(lambda _: sharding, leaves)
 
         self.state_shardings = {name: placed(name, leaves)
                                 for name, leaves in jax.eval_shape(self._init_state).items()}
         self.train_chunk = jax.jit(self._sharded_train_chunk, donate_argnums=0,
                                    out_shardings=self.state_shardings)
-        self.evaluate = jax.jit(self._on_copies(SweepProgram._evaluate),
+        self.evaluate = jax.jit(self._on_models(SweepProgram._evaluate),
                                 out_shardings=self.replicated)
-        self.interference = jax.jit(self._on_copies(SweepProgram._interference),
+        self.interference = jax.jit(self._on_models(SweepProgram._interference),
                                     out_shardings=self.replicated)
 
     def _stream_tables(self):
@@ -170,7 +178,8 @@ class SweepProgram(Program):
                             for w, s in zip(self.model_coords["width"],
                                             self.model_coords["seed"])])
         params = model.init_params(self.layout, keys_M)
-        state = {"params": params, "opt_state": self._init_opt(params),
+        state = {"params": stacked(params, len(self.data_streams)),
+                 "opt_state": stacked(self._init_opt(params), len(self.data_streams)),
                  "diverged": jnp.zeros(self.layout.num_models, bool),
                  "train_loss": jnp.full(self.layout.num_models, jnp.nan, jnp.float32)}
         if self.tracks_rare:
@@ -182,48 +191,71 @@ class SweepProgram(Program):
             lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
             jax.eval_shape(self._init_state), self.state_shardings)
 
-    # ------------------------------------------------------------------ copies over devices
+    # ------------------------------------------------------------------ models over devices
 
     @property
     def stream_M(self) -> np.ndarray:
         """Stream of each model, [M]."""
         return np.repeat(np.arange(len(self.streams)), len(self.sweep.widths) * self.layout.copies)
 
-    def _map_copies(self, fn, grouped, per_model, *args):
-        """`fn(shard, grouped, per_model, *args)` → (grouped, per_model) on each device's copies.
+    def _map_models(self, fn, grouped: dict, per_model: dict, *args):
+        """`fn(shard, grouped, per_model, *args)` → (grouped, per_model) on each device's models.
 
-        `grouped`: arrays with a leading copy axis (parameters, optimiser state), split over the
-        mesh's copies axis; `per_model`: arrays [M, ...], each device given its copies' rows;
-        `args`: the same on every device. `shard` is this program narrowed to one device's
-        copies (`_shard`); every device draws the whole shared batch itself.
+        `grouped`: name → a state entry held per (rule, width) group (`stacked`), split over the
+        mesh's streams and copies axes; `per_model`: name → [M, ...] arrays, each device given
+        its models' rows; `args`: the same on every device. `fn` gets them as `shard` (this
+        program narrowed to the device's data streams and copies, `_shard`) holds them: one
+        group per (stream, width) and [M / devices, ...] rows. Every device draws the whole
+        shared batch itself.
         """
-        groups, copies = self.layout.num_groups, self.layout.copies
-        by_copy, by_model = PartitionSpec(COPIES_AXIS), PartitionSpec(None, COPIES_AXIS)
+        data_streams, copies = len(self.data_streams), self.layout.copies
+        by_group = PartitionSpec(STREAMS_AXIS, COPIES_AXIS)
+        by_model = PartitionSpec(STREAMS_AXIS, None, COPIES_AXIS)
 
-        def local(grouped, per_model_GxC, rates_GxC, *args):
-            as_rows = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), per_model_GxC)
-            grouped, rows = fn(self._shard(rates_GxC.reshape(-1)), grouped, as_rows, *args)
-            return grouped, jax.tree.map(lambda a: a.reshape(groups, -1, *a.shape[1:]), rows)
+        def as_grid(a):  # [M, ...] → [data streams, rules × widths, copies, ...]
+            return a.reshape(data_streams, -1, copies, *a.shape[1:])
 
-        in_specs = (by_copy, by_model, by_model) + (PartitionSpec(),) * len(args)
-        grouped, per_model_GxC = jax.shard_map(
-            local, mesh=self.mesh, in_specs=in_specs, out_specs=(by_copy, by_model),
+        def local(grouped, per_model, rates, *args):
+            local_streams, _, local_copies = rates.shape
+            shard = self._shard(rates.reshape(-1), local_streams)
+            grouped, rows = fn(shard, {name: unstacked(v) for name, v in grouped.items()},
+                               jax.tree.map(lambda a: a.reshape(-1, *a.shape[3:]), per_model),
+                               *args)
+            return ({name: stacked(v, local_streams) for name, v in grouped.items()},
+                    jax.tree.map(lambda a: a.reshape(local_streams, -1, local_copies,
+                                                     *a.shape[1:]), rows))
+
+        in_specs = (by_group, by_model, by_model) + (PartitionSpec(),) * len(args)
+        grouped, per_model = jax.shard_map(
+            local, mesh=self.mesh, in_specs=in_specs, out_specs=(by_group, by_model),
             check_vma=False)(
-            grouped, jax.tree.map(lambda a: a.reshape(groups, copies, *a.shape[1:]), per_model),
-            self.learning_rate_M.reshape(groups, copies), *args)
-        return grouped, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), per_model_GxC)
+            grouped, jax.tree.map(as_grid, per_model), as_grid(self.learning_rate_M), *args)
+        return grouped, jax.tree.map(lambda a: a.reshape(-1, *a.shape[3:]), per_model)
 
-    def _shard(self, learning_rate_M):
-        """This program as one device runs it: its share of each group's copies, with their
-        learning rates [M / shards]."""
+    def _shard(self, learning_rate_M, data_streams: int):
+        """This program as one device of the mesh runs it: `data_streams` of the data streams
+        (the device's block of the streams axis) with their every update rule, and its share of
+        each group's copies, with their learning rates [M / devices].
+
+        Its `streams` name only the update rules: a device's gaps and multipliers are known
+        when it runs, in its rows of the stream tables.
+        """
         shard = copy.copy(self)
+        rules = self.sweep.update_rules
+        streams = data_streams * len(rules)
+        shard.streams = [(None, None, rule) for _ in range(data_streams) for rule in rules]
+        shard.group_rules = tuple(rule for _, _, rule in shard.streams for _ in self.sweep.widths)
         shard.layout = dataclasses.replace(
-            self.layout, copies=self.layout.copies // self.mesh.shape[COPIES_AXIS])
+            self.layout, streams=streams,
+            copies=self.layout.copies // self.mesh.shape[COPIES_AXIS])
+        first = jax.lax.axis_index(STREAMS_AXIS) * streams
+        shard._streams = {name: jax.lax.dynamic_slice_in_dim(table, first, streams)
+                          for name, table in self._streams.items()}
         shard.learning_rate_M = learning_rate_M
         return shard
 
     def _sharded_train_chunk(self, state, num_steps, first_step):
-        """`_train_chunk` on each device's copies."""
+        """`_train_chunk` on each device's models."""
         grouped = {name: state[name] for name in GROUPED_STATE}
         per_model = {name: value for name, value in state.items() if name not in GROUPED_STATE}
 
@@ -231,15 +263,15 @@ class SweepProgram(Program):
             out = shard._train_chunk({**grouped, **per_model}, num_steps, first_step)
             return {n: out[n] for n in grouped}, {n: out[n] for n in per_model}
 
-        grouped, per_model = self._map_copies(chunk, grouped, per_model, num_steps, first_step)
+        grouped, per_model = self._map_models(chunk, grouped, per_model, num_steps, first_step)
         return {**grouped, **per_model}
 
-    def _on_copies(self, method):
-        """`method(program, params, *args)` → per-model arrays, run on each device's copies."""
+    def _on_models(self, method):
+        """`method(program, params, *args)` → per-model arrays, run on each device's models."""
         def run(params, *args):
-            def local(shard, params, _, *args):
-                return (), method(shard, params, *args)
-            return self._map_copies(local, params, {}, *args)[1]
+            def local(shard, grouped, _, *args):
+                return {}, method(shard, grouped["params"], *args)
+            return self._map_models(local, {"params": params}, {}, *args)[1]
         return run
 
     def train(self, state: dict, start: int, stop: int) -> dict:
@@ -476,32 +508,66 @@ class SweepProgram(Program):
                 "grad_norm": norm_MxK, "rare_frequent_cosine": rare_frequent_M}
 
 
-def model_mesh(copies: int, devices=None) -> Mesh:
-    """The ("replica", "copies") mesh a sweep with `copies` models per width group runs on.
+def stacked(groups: tuple, data_streams: int) -> tuple:
+    """One group per (stream, width), stream-major (`model.PackedLayout`), restacked as one
+    group per (update rule, width) with the data streams in front: [data streams, copies, ...].
+    Group (data stream d, rule r, width w) is entry r·widths + w, row d."""
+    per_data_stream = len(groups) // data_streams
+    return tuple(jax.tree.map(lambda *rows: jnp.stack(rows), *groups[g::per_data_stream])
+                 for g in range(per_data_stream))
 
-    The copies are split evenly over as many of `devices` (default: every device of every
-    process) as divide them, taking the same number from each process, so every process of a
-    multi-process run holds part of the sweep; when the processes cannot share the copies
-    evenly, each process holds the whole sweep (split over its own devices) and the processes
-    are replicas. Devices outside the mesh stay idle. Results do not depend on the split: each
-    device draws the shared batch from the same (data seed, step).
+
+def unstacked(grouped: tuple) -> tuple:
+    """`stacked`'s inverse: a state entry as the packed model holds it, one group per (stream,
+    width) with the copies first (`model.PackedLayout`)."""
+    data_streams = jax.tree.leaves(grouped)[0].shape[0]
+    return tuple(jax.tree.map(lambda a: a[d], group)
+                 for d in range(data_streams) for group in grouped)
+
+
+def model_mesh(data_streams: int, copies: int, devices=None) -> Mesh:
+    """The ("replica", "streams", "copies") mesh a sweep runs on: its `data_streams` (gap ×
+    rare multiplier) over "streams", the `copies` of each of its groups over "copies".
+
+    The models are split over as many of `devices` (default: every device of every process) as
+    a split of both divides evenly, splitting the data streams first where the device count is
+    the same either way (a device then draws fewer task ids and targets), taking the same
+    number of devices from each process, so every process of a multi-process run holds part of
+    the sweep; when the processes cannot share the models evenly, each process holds the whole
+    sweep (split over its own devices) and the processes are replicas. Devices outside the
+    mesh stay idle. Results do not depend on the split: each device draws the shared batch
+    from the same (data seed, step).
     """
-    return Mesh(np.array(model_device_grid(copies, jax.devices() if devices is None else devices)),
-                ("replica", COPIES_AXIS))
+    grid = model_device_grid(data_streams, copies,
+                             jax.devices() if devices is None else devices)
+    return Mesh(np.array(grid), ("replica", STREAMS_AXIS, COPIES_AXIS))
 
 
-def model_device_grid(copies: int, devices) -> list[list]:
-    """`model_mesh`'s devices as a [replicas, shards] grid."""
+def model_device_grid(data_streams: int, copies: int, devices) -> list[list[list]]:
+    """`model_mesh`'s devices as a [replicas, stream shards, copy shards] grid."""
     by_process: dict[int, list] = {}
     for device in devices:
         by_process.setdefault(device.process_index, []).append(device)
     processes, per_process = len(by_process), min(len(d) for d in by_process.values())
     lists = [by_process[p] for p in sorted(by_process)]
-    for shards in range(processes * per_process, 0, -1):
-        if copies % shards == 0 and shards % processes == 0:
-            return [[d for devices_p in lists for d in devices_p[:shards // processes]]]
-    shards = max(s for s in range(1, per_process + 1) if copies % s == 0)
-    return [devices_p[:shards] for devices_p in lists]
+
+    def split(most: int, multiple_of: int):
+        """(stream shards, copy shards): the most devices ≤ `most`, then the most streams."""
+        splits = [(s, c) for s in range(1, data_streams + 1) for c in range(1, copies + 1)
+                  if data_streams % s == 0 and copies % c == 0 and s * c <= most
+                  and s * c % multiple_of == 0]
+        return max(splits, key=lambda sc: (sc[0] * sc[1], sc[0]), default=None)
+
+    def grid(flat: list, streams: int, shards: int) -> list[list]:
+        return [flat[i:i + shards] for i in range(0, streams * shards, shards)]
+
+    shared = split(processes * per_process, processes)
+    if shared:
+        streams, shards = shared
+        per = streams * shards // processes
+        return [grid([d for devices_p in lists for d in devices_p[:per]], streams, shards)]
+    streams, shards = split(per_process, 1)
+    return [grid(devices_p, streams, shards) for devices_p in lists]
 
 
 def spec_dict(mixture: TaskMixture, sweep: Sweep, injection: Injection | None) -> dict:
