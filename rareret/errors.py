@@ -18,9 +18,13 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+GIN_CONTEXT = "\n  In "  # gin appends "\n  In call to configurable ...", "\n  In file ...".
+
+
 def one_line(error: BaseException) -> str:
-    """An exception's message on one line (for the one-line errors the CLI prints)."""
-    return " ".join(str(error).split())
+    """An exception's message on one line (for the one-line errors the CLI prints), without
+    the context lines gin appends to errors raised in a configurable or a binding."""
+    return " ".join(str(error).split(GIN_CONTEXT)[0].split())
 
 
 def is_int(value) -> bool:

@@ -188,7 +188,7 @@ def main(argv: list[str]) -> None:
             if study in chosen:
                 print(f"  {study.name:<20} {seen.verdict}")
     except ConfigError as e:
-        print(f"rareret-experiments: error: {e}", file=sys.stderr)
+        print(f"rareret-experiments: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except Stopped as e:
         print(f"rareret-experiments: {e}", file=sys.stderr)

@@ -76,7 +76,7 @@ def check_cell(cell: Cell) -> None:
         for name in ("LmTrain",) if experiment == "lm" else ("TaskMixture", "Sweep"):
             gin.get_configurable(name)()
     except ConfigError as e:
-        raise ConfigError(f"cell {cell.index} ({cell.name}): {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"cell {cell.index} ({cell.name}): {one_line(e)}") from e
     finally:
         gin.clear_config()
 
@@ -292,7 +292,7 @@ def main(argv: list[str]) -> None:
             launch_script(workdir, record, chosen, len(cells))
             return
     except ConfigError as e:
-        print(f"rareret-grid: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"rareret-grid: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     if cli_flags.DRY_RUN.value:
         for cell in chosen:

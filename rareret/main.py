@@ -151,8 +151,7 @@ def main(argv: list[str]) -> None:
                                    FLAGS.process_id)
         run(FLAGS.workdir)
     except ConfigError as e:
-        # gin appends "In call to configurable ..." context lines; the first line is the message.
-        print(f"rareret: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"rareret: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
         print(f"rareret: error: {e}", file=sys.stderr)
