@@ -76,8 +76,9 @@ def run(workdir: str, experiment: str = "synthetic",
     if cli_flags.DRY_RUN.value:
         for job in runs:
             action = "resume" if job.resuming else "start"
+            mesh = " × ".join(f"{axis} {size}" for axis, size in job.program.mesh.shape.items())
             print(f"dry run: would {action} {job.workdir}: {type(job.program).__name__}, "
-                  f"{len(job.steps) - 1} records to step {job.steps[-1]}")
+                  f"{len(job.steps) - 1} records to step {job.steps[-1]}, on mesh {mesh}")
         return
     for job in runs:
         if not job.execute():

@@ -62,6 +62,8 @@ class Program(abc.ABC):
     files: tuple[str, ...] = ()
     #: A grain iterator checkpointed with the state, or None.
     iterator: Any = None
+    #: The device mesh the program runs on.
+    mesh: jax.sharding.Mesh
 
     @abc.abstractmethod
     def spec(self) -> dict:

@@ -77,6 +77,22 @@ RUNS = {"1": (SWEEP, 1), "8": (SWEEP, 8),
         "one stream, 1": (ONE_STREAM, 1), "one stream, 8": (ONE_STREAM, 8)}
 
 
+def test_a_dry_run_shows_the_split(tmp_path):
+    """`rareret --dry_run` names the mesh the sweep would run on: 2 streams × 4 copies here."""
+    bindings = ["Sweep.seeds = [0, 1, 2, 3]", "Sweep.rare_multiplier = [1, 2]",
+                "Sweep.num_steps = 10", "Sweep.record_every = 10"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rareret.main", f"--workdir={tmp_path / 'run'}", "--dry_run",
+         *[f"--gin_bindings={b}" for b in bindings]],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SweepProgram, 1 records to step 10, on mesh replica 1 × streams 2 × copies 4" \
+        in proc.stdout, proc.stdout
+    assert not (tmp_path / "run").exists()
+
+
 def sharded_run() -> dict:
     """Trains, evaluates and measures interference on each of `RUNS`."""
     assert jax.device_count() == 8, jax.devices()
