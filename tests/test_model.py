@@ -203,6 +203,31 @@ def test_decode_tiles_gradients_match_autodiff_of_a_per_tile_gather():
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
 
 
+def test_encode_and_its_gradients_match_a_gemm_per_group():
+    """`encode` (groups with a GEMM of their own and groups sharing a zero-padded one) and its
+    hand-written VJP equal x Wᵀ per group and autodiff of it."""
+    shapes = [(1, 3), (2, 128), (2, 5)]  # (C, N): 3 and 10 rows share a GEMM; 256 have their own.
+    assert [model._own_gemm(c * n) for c, n in shapes] == [False, True, False]
+    keys = jax.random.split(jax.random.key(2), 2 * len(shapes) + 1)
+    x = jax.random.normal(keys[0], (16, 8))
+    encoders = tuple(jax.random.normal(k, (c, n, 8)) for k, (c, n) in zip(keys[1:], shapes))
+    weights = [jax.random.normal(k, (16, c * n)) for k, (c, n) in zip(keys[4:], shapes)]
+
+    def plain(x, encoders):
+        return [x @ e.reshape(-1, 8).T for e in encoders]
+
+    def loss(encode_fn):
+        return lambda x, encoders: sum(jnp.sum(w * h ** 2)
+                                       for w, h in zip(weights, encode_fn(x, encoders)))
+
+    for got, want in zip(model.encode(x, encoders), plain(x, encoders)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    want = jax.grad(loss(plain), argnums=(0, 1))(x, encoders)
+    got = jax.grad(loss(model.encode), argnums=(0, 1))(x, encoders)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
 # One learning rate so large that its models' gradients stay far above the clip (1.0) while the
 # other rate's stay below it: each width group packs two forced and two ordinary models.
 CLIP_SWEEP = Sweep(widths=(3, 12), seeds=(0, 3), learning_rate=(1e-3, 10.0),

@@ -390,24 +390,20 @@ class SweepProgram(Program):
             (_, losses_M), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
             return losses_M, grads
         with jax.named_scope("encoder"):
-            encoder_NxD = jnp.concatenate([p["encoder"].reshape(-1, x_BxD.shape[1])
-                                           for p in params])
-            hidden_BxN = x_BxD @ encoder_NxD.T
+            hidden = model.encode(x_BxD, tuple(p["encoder"] for p in params))
 
-        def decoded_loss(hidden_BxN, decoders):
+        def decoded_loss(hidden, decoders):
             packed = tuple({**p, "decoders": d} for p, d in zip(params, decoders))
             with jax.named_scope("decoder"):
-                losses_M = model.decoded_losses(packed, hidden_BxN, y_SxBxT, tiles)
+                losses_M = model.decoded_losses(packed, hidden, y_SxBxT, tiles)
             return jnp.sum(jnp.where(diverged_M, 0.0, losses_M)), losses_M
 
-        (_, losses_M), (grad_hidden_BxN, grad_decoders) = jax.value_and_grad(
+        (_, losses_M), (grad_hiddens, grad_decoders) = jax.value_and_grad(
             decoded_loss, argnums=(0, 1), has_aux=True)(
-            hidden_BxN, tuple(p["decoders"] for p in params))
-        grads, start = [], 0
-        for g, p in enumerate(params):
-            copies, width, _ = p["encoder"].shape
-            grad_hidden = grad_hidden_BxN[:, start:start + copies * width]
-            start += copies * width
+            hidden, tuple(p["decoders"] for p in params))
+        grads = []
+        for g, (p, grad_hidden) in enumerate(zip(params, grad_hiddens)):
+            copies = p["encoder"].shape[0]
             with jax.named_scope("encoder"):
                 if self.group_rules[g] == "adamw":
                     encoder = (grad_hidden.T @ x_BxD).reshape(p["encoder"].shape)
