@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from rareret.lm import gradients, inject
+from rareret.lm import gradients, inject, measurements
 from rareret.lm import model as lm_model
 from rareret.lm.config import OlmoConfig
 
@@ -224,3 +224,15 @@ def test_absent_task_gives_nan(setup):
     assert np.isfinite(out.grad_cosine[0]).all() and out.task_tokens.tolist() == [3, 0]
     assert np.isnan(out.batch_interference[1]).all()
     assert np.isfinite(out.interference).all()  # The reference matrix needs no batch instance.
+
+
+@pytest.mark.parametrize("instances, length, batch_tokens, chunks", [
+    (5000, 3, 4 * 256, 20),  # 250 instances (750 tokens) per chunk; 10 chunks would hold 1,500.
+    (5000, 3, 1024 * 4096, 1),  # The paper's batch holds all 5,000.
+    (64, 3, 100, 2),
+    (12, 5, 4, 12),  # One instance per chunk even when it alone exceeds the batch.
+])
+def test_reference_chunks_hold_no_more_tokens_than_a_batch(instances, length, batch_tokens,
+                                                            chunks):
+    """g_r's instances go through in the fewest equal chunks of at most a batch's tokens."""
+    assert measurements.reference_chunks(instances, length, batch_tokens) == chunks

@@ -171,12 +171,12 @@ def test_a_non_finite_loss_alone_freezes_its_model():
     program = sweep.SweepProgram(DIVERGENCE_MIXTURE, Sweep(learning_rate=(1e-3, 2e-3),
                                                            **DIVERGENCE_SWEEP))
     state = per_stream(program.init())
-    x_BxD, y_SxBxT, task_SxB = program.batch(0)
+    x_BxD, y_SxBxT, task_SxB = jax.jit(program.batch)(0)
     tiles = jax.vmap(lambda task_B: model.task_tiles(
         task_B, DIVERGENCE_MIXTURE.num_tasks, program.sweep.tile_size))(task_SxB)
-    losses_M, grads = program.gradients(state, x_BxD, y_SxBxT, tiles)
+    losses_M, grads = jax.jit(program.gradients)(state, x_BxD, y_SxBxT, tiles)
     poisoned = losses_M.at[1].set(np.inf)
-    new = jax.device_get(program._apply_updates(state, poisoned, grads))
+    new = jax.device_get(jax.jit(program._apply_updates)(state, poisoned, grads))
     assert new["diverged"].tolist() == [False, True, False, False]
     old = jax.device_get(state)
     for m, (group, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):

@@ -71,12 +71,6 @@ def test_models_are_split_evenly_over_processes(streams, copies, processes, per_
     assert [[[d.id for d in row] for row in replica] for replica in grid] == expected
 
 
-ONE_STREAM = dataclasses.replace(SWEEP, rare_multiplier=None)
-RUNS = {"1": (SWEEP, 1), "8": (SWEEP, 8),
-        "6 of 8": (dataclasses.replace(SWEEP, seeds=(0, 1, 2)), 8),
-        "one stream, 1": (ONE_STREAM, 1), "one stream, 8": (ONE_STREAM, 8)}
-
-
 def test_a_dry_run_shows_the_split(tmp_path):
     """`rareret --dry_run` names the mesh the sweep would run on: 2 streams × 4 copies here."""
     bindings = ["Sweep.seeds = [0, 1, 2, 3]", "Sweep.rare_multiplier = [1, 2]",
@@ -91,6 +85,12 @@ def test_a_dry_run_shows_the_split(tmp_path):
     assert "SweepProgram, 1 records to step 10, on mesh replica 1 × streams 2 × copies 4" \
         in proc.stdout, proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+ONE_STREAM = dataclasses.replace(SWEEP, rare_multiplier=None)
+RUNS = {"1": (SWEEP, 1), "8": (SWEEP, 8),
+        "6 of 8": (dataclasses.replace(SWEEP, seeds=(0, 1, 2)), 8),
+        "one stream, 1": (ONE_STREAM, 1), "one stream, 8": (ONE_STREAM, 8)}
 
 
 def sharded_run() -> dict:

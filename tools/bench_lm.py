@@ -3,11 +3,12 @@
     python tools/bench_lm.py [--model cpu-small] [--seq-len 128] [--batch 16] [--reps 7]
     python tools/bench_lm.py --device gpu [--models 20M 300M] [--seq-len 1024] [--batch 32]
     python tools/bench_lm.py --memory --model 300M [--devices 4] [--mesh fsdp|tensor]
-        [--batch 4] [--seq-len 256] [--records 4] [--record-every 1]
+        [--batch 4] [--seq-len 256] [--records 4] [--record-every 1] [--interference]
 
 Memory mode (issue #16 item 7: peak ≤ 1.25 × budget + 1 GB, flat over records and saves): a
 run of `--model` with olmo_300m.gin's settings on a `.npy` of random tokens, through `Run` as
-the CLI runs it, with a record and a checkpoint every `--record-every` steps; on CPU over
+the CLI runs it, with a record and a checkpoint every `--record-every` steps (with
+`--interference`, records with the gradient-interference measurements too); on CPU over
 `--devices` forced host devices. Per phase (the 1-device step compiled for the budget, init,
 each record, the step's compile, each chunk of steps, each checkpoint): peak host RSS (VmHWM,
 reset through /proc/self/clear_refs at the phase's start), RSS after it, and the devices' peak
@@ -421,7 +422,8 @@ def memory_spec(args, directory: str) -> LmTrain:
     """olmo_300m.gin's settings (bfloat16 compute, remat, a T_CMP task at 2.4e-6 per token,
     FSDP over every device, or with `--mesh tensor` tensor parallelism) at rung `--model`,
     B × L from the flags, 16 eval instances, a record and a checkpoint every `--record-every`
-    steps, on a `.npy` of random tokens written into `directory`."""
+    steps (with `--interference`, each with the gradient-interference measurements), on a
+    `.npy` of random tokens written into `directory`."""
     import numpy as np
 
     from rareret.lm import inject
@@ -438,6 +440,7 @@ def memory_spec(args, directory: str) -> LmTrain:
                    global_batch=args.batch, num_steps=steps, warmup_steps=1,
                    record_every=args.record_every, checkpoint_every=args.record_every,
                    eval_instances=16,
+                   interference_every=args.record_every if args.interference else 0,
                    tasks=(inject.TaskSpec(kind="cmp", name="cmp", frequency_per_token=2.4e-6),),
                    mesh=MeshSpec(data=1, fsdp=-1) if args.mesh == "fsdp"
                    else MeshSpec(data=1, fsdp=1, tensor=-1))
@@ -505,7 +508,8 @@ def memory_mode(args) -> dict:
           f"{program.model.config.n_layers} layers, remat {spec.remat}), B={spec.global_batch}, "
           f"L={spec.seq_len}, {jax.device_count()} {jax.default_backend()} device(s) "
           f"({args.mesh} mesh {dict(program.mesh.shape)}), a "
-          f"record and a checkpoint every {spec.record_every} steps")
+          f"record{' with interference' if spec.interference_every else ''} and a checkpoint "
+          f"every {spec.record_every} steps")
     print(f"budget {budget / GB:.3f} GB = params {params / GB:.3f} + grads {params / GB:.3f} + "
           f"optimiser {opt / GB:.3f} + activations {activations / GB:.3f} (1-device step temp "
           f"{budget_step['temp'] / GB:.3f} − grads); bound 1.25 × budget + 1 GB = "
@@ -558,6 +562,8 @@ def main() -> None:
     parser.add_argument("--record-every", type=int, default=1,
                         help="memory mode: steps between records and checkpoints")
     parser.add_argument("--no-remat", action="store_true", help="memory mode: remat off")
+    parser.add_argument("--interference", action="store_true",
+                        help="memory mode: a gradient-interference record at every record")
     parser.add_argument("--mesh", choices=("fsdp", "tensor"), default="fsdp",
                         help="memory mode: shard over every device by FSDP or tensor axes")
     args = parser.parse_args()
