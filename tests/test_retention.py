@@ -23,6 +23,9 @@ def test_narrow_forgets_wide_retains(tmp_path):
     late = steps >= spec.num_steps // 2
     narrow, wide = 0, 1
     gain, decay = run.metrics.read("retention_gain"), run.metrics.read("retention_decay")
+    # Written in this order: a reader that sees the gain (report, analyze) finds the decay too.
+    names = run.metrics.names()
+    assert names.index("retention_decay") < names.index("retention_gain"), names
     late_cycles = slice(len(gain) // 2, None)
     narrow_kept = np.nanmean(gain[late_cycles, narrow] - decay[late_cycles, narrow])
     wide_floor, narrow_floor = rare[late, wide].min(), rare[late, narrow].max()

@@ -100,7 +100,8 @@ def coordinate_arrays(program: SweepProgram) -> dict[str, store.Coord]:
 
 
 def write_retention(writer: store.MetricWriter, program: SweepProgram) -> None:
-    """Per-cycle gain and decay of the rare task's corrected alignment [cycle, model]."""
+    """Per-cycle gain and decay of the rare task's corrected alignment [cycle, model]. The gain
+    is written last: readers of a run still finishing take it to mean both are there."""
     metrics = store.open_metrics(writer.directory)
     rare_RxM = retention.corrected_rare_alignment(
         metrics.read("alignment"), program.model_coords["width"], program.mixture.input_dim,
@@ -109,9 +110,9 @@ def write_retention(writer: store.MetricWriter, program: SweepProgram) -> None:
     gain, decay = retention.gain_and_decay(metrics.read("step"), rare_RxM, program.model_coords["gap"],
                                            cycles)
     note = {"rare_task": program.rare_task, "missing": "NaN past a model's last cycle"}
-    writer.put_coord("retention_gain", gain, ("cycle", "model"),
-                     {**note, "description": "jump of the rare task's corrected alignment at "
-                                             "the cycle's injection"})
     writer.put_coord("retention_decay", decay, ("cycle", "model"),
                      {**note, "description": "drop of the rare task's corrected alignment "
                                              "from after this injection to before the next"})
+    writer.put_coord("retention_gain", gain, ("cycle", "model"),
+                     {**note, "description": "jump of the rare task's corrected alignment at "
+                                             "the cycle's injection"})
