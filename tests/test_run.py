@@ -102,3 +102,21 @@ def test_record_steps_must_rise_from_zero(tmp_path):
     with pytest.raises(ConfigError, match="record_steps must rise from 0"):
         Run(Counter(steps=(1, 5)), str(tmp_path))
     assert not tmp_path.joinpath("spec.json").exists()
+
+
+class Pair(Counter):
+    """The same spec as `Counter` with another state layout (as after an upgrade of rareret)."""
+
+    def init(self):
+        return {"value": jnp.zeros(2, jnp.float32)}
+
+
+def test_a_checkpoint_of_another_state_layout_is_one_clear_error(tmp_path):
+    run(Counter(steps=(0, 10, 20)), tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "20")
+    before = values(tmp_path)
+    with pytest.raises(ConfigError, match=r"checkpoints/10: the checkpoint's arrays do not have "
+                                          r"this run's state's shapes \(differing: \(2,\)\)"):
+        run(Pair(steps=(0, 10, 20)), tmp_path)
+    assert values(tmp_path) == before  # No record rolled back.
+
