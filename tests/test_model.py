@@ -172,6 +172,28 @@ def test_rank_deficient_encoder_alignment_is_finite():
     np.testing.assert_allclose(s[0, 1:], 0, atol=1e-6)
 
 
+def test_zero_units_change_no_metric_given_the_true_widths():
+    """A model padded with zero units (`model.padded`, as a sweep split over devices holds it)
+    has its unpadded metrics when `subspace_alignment` is told its true width: the rank cut
+    scales with the width, and this encoder's second direction (eigenvalue ratio 4e-6) is kept
+    at width 2 (cut 2e-6) but would be dropped at the padded width 8 (cut 8e-6)."""
+    w = np.zeros((1, 2, MIXTURE.input_dim), np.float32)
+    w[0, 0, 0], w[0, 1, 1] = 1.0, 2e-3
+    rng = np.random.default_rng(0)
+    group = {"encoder": jnp.asarray(w), "decoders": jnp.asarray(
+        rng.standard_normal((1, MIXTURE.num_tasks, MIXTURE.task_dim, 2)), jnp.float32)}
+    sqrt_spectra = jnp.sqrt(jnp.asarray(MIXTURE.spectra()))
+    padded = (model.padded(group, 8),)
+    assert padded[0]["encoder"].shape == (1, 8, MIXTURE.input_dim)
+    want = model.subspace_alignment((group,), sqrt_spectra)
+    got = model.subspace_alignment(padded, sqrt_spectra, jnp.asarray([2.0]))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert want[0][0, 0] > 0.9 * float(MIXTURE.spectra()[0, :2].sum() / MIXTURE.traces()[0])
+    np.testing.assert_allclose(model.population_task_loss(padded, sqrt_spectra),
+                               model.population_task_loss((group,), sqrt_spectra), rtol=1e-6)
+
+
 def test_task_tiles_place_every_example_once():
     task = jnp.sort(jax.random.randint(jax.random.key(0), (100,), 0, 5))
     tiles = model.task_tiles(task, 5, 8)

@@ -1,14 +1,16 @@
-"""A sweep's models split over a device mesh (`sweep.model_mesh`: data streams × copies) train
-as on one device: the same parameters, optimiser state, losses, metrics and interference, to
-float32 rounding.
+"""A sweep's models split over a device mesh (`sweep.model_mesh`: data streams × width lanes ×
+copies) train as on one device: the same parameters, optimiser state, losses, metrics and
+interference, to float32 rounding.
 
 The comparison runs in a subprocess with 8 forced CPU devices (XLA_FLAGS must be set before JAX
 starts): a sweep with two data streams (rare-task multipliers 1 and 2, with injection) and 8
 copies per width group (4 seeds × 2 learning rates) under two update rules (8 groups, 64 models)
 on 1 device and on 8 (2 stream shards × 4 copy shards); its first 3 seeds (6 copies) on 6 of the
 8 devices (2 × 3), which must equal those seeds' models in the 8-copy sweep (a model depends
-only on its seed, width, rate and stream); and a one-stream sweep on 1 and on 8 devices (copies
-only). The two-process split (gloo) is `tests/test_sweep_multihost.py`.
+only on its seed, width, rate and stream); the same sweep at 1 seed and four widths on 8 devices
+(2 stream × 2 width × 2 copy shards: lanes of widths padded with zero units); and a one-stream
+sweep of four widths on 6 devices (3 width × 2 copy shards: a lane with empty slots). The
+two-process split (gloo) is `tests/test_sweep_multihost.py`.
 """
 
 import dataclasses
@@ -21,7 +23,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
 
 from rareret.synthetic import sweep
 from rareret.synthetic.spec import Injection, Sweep, TaskMixture
@@ -49,7 +50,7 @@ def devices(processes: int, per_process: int) -> list[FakeDevice]:
             for i in range(per_process)]
 
 
-@pytest.mark.parametrize("streams, copies, processes, per_process, expected", [
+@pytest.mark.parametrize("streams, copies, processes, per_process, expected", [  # One width.
     (1, 8, 1, 8, [[[0, 1, 2, 3, 4, 5, 6, 7]]]),
     (1, 6, 1, 8, [[[0, 1, 2, 3, 4, 5]]]),  # The largest divisor of the copies.
     (1, 1, 1, 8, [[[0]]]),
@@ -67,8 +68,35 @@ def devices(processes: int, per_process: int) -> list[FakeDevice]:
 ])
 def test_models_are_split_evenly_over_processes(streams, copies, processes, per_process,
                                                 expected):
-    grid = sweep.model_device_grid(streams, copies, devices(processes, per_process))
-    assert [[[d.id for d in row] for row in replica] for replica in grid] == expected
+    grid = sweep.model_device_grid(streams, copies, (8,), devices(processes, per_process))
+    assert [[[d.id for d in row[0]] for row in replica] for replica in grid] == expected
+
+
+PAPER_WIDTHS = (2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+@pytest.mark.parametrize("streams, copies, widths, count, expected", [
+    (1, 1, PAPER_WIDTHS, 8, (1, 8, 1)),  # 264 rows a device (846 on one).
+    (1, 1, PAPER_WIDTHS, 4, (1, 4, 1)),  # 328.
+    (1, 1, PAPER_WIDTHS, 2, (1, 2, 1)),  # 490.
+    (1, 4, PAPER_WIDTHS, 8, (1, 2, 4)),  # 490 rows: better than 4 copy shards alone (846).
+    (1, 8, PAPER_WIDTHS, 8, (1, 1, 8)),  # Copies split evenly: no padding.
+    (2, 4, (2, 4), 8, (2, 1, 4)),
+    (1, 2, (2, 3, 4, 8), 6, (1, 3, 2)),  # Lanes [8, 4, 3], [2, −, −]: 10 rows a device.
+    (1, 1, (8, 8), 8, (1, 2, 1)),
+])
+def test_width_groups_are_split_where_that_leaves_fewer_rows_per_device(
+        streams, copies, widths, count, expected):
+    grid = np.array(sweep.model_device_grid(streams, copies, widths, devices(1, count)),
+                    dtype=object)
+    assert grid.shape[1:] == expected
+
+
+def test_width_lanes_pad_each_lane_to_its_widest():
+    assert sweep.width_lanes((2, 3, 4, 8), 3) == [(0, -1, -1), (3, 2, 1)]
+    assert sweep.width_lanes((2, 3, 4, 8), 1) == [(0,), (1,), (2,), (3,)]
+    assert sweep.lane_rows(PAPER_WIDTHS, 8) == 256 + 8
+    assert sweep.lane_rows(PAPER_WIDTHS, 2) == 256 + 128 + 64 + 32 + 8 + 2
 
 
 def test_a_dry_run_shows_the_split(tmp_path):
@@ -82,15 +110,18 @@ def test_a_dry_run_shows_the_split(tmp_path):
         env={**os.environ, "JAX_PLATFORMS": "cpu",
              "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "SweepProgram, 1 records to step 10, on mesh replica 1 × streams 2 × copies 4" \
+    assert ("SweepProgram, 1 records to step 10, on mesh replica 1 × streams 2 × widths 1 × "
+            "copies 4") \
         in proc.stdout, proc.stdout
     assert not (tmp_path / "run").exists()
 
 
-ONE_STREAM = dataclasses.replace(SWEEP, rare_multiplier=None)
+WIDE = dataclasses.replace(SWEEP, widths=(2, 3, 4, 8), seeds=(0,))
+ONE_STREAM = dataclasses.replace(WIDE, rare_multiplier=None, update_rule=("adamw",))
 RUNS = {"1": (SWEEP, 1), "8": (SWEEP, 8),
         "6 of 8": (dataclasses.replace(SWEEP, seeds=(0, 1, 2)), 8),
-        "one stream, 1": (ONE_STREAM, 1), "one stream, 8": (ONE_STREAM, 8)}
+        "widths, 1": (WIDE, 1), "widths, 8": (WIDE, 8),
+        "one stream, 1": (ONE_STREAM, 1), "one stream, 6": (ONE_STREAM, 6)}
 
 
 def sharded_run() -> dict:
@@ -107,7 +138,7 @@ def sharded_run() -> dict:
         out[name] = {"mesh": dict(program.mesh.shape), "groups": program.layout.num_groups,
                      "encoder_spec": str(encoder.sharding.spec),
                      "encoder_shard": list(encoder.sharding.shard_shape(encoder.shape)),
-                     "grouped": leaves({k: state[k] for k in sweep.GROUPED_STATE}),
+                     "grouped": leaves(program.model_groups(state)),
                      "per_model": leaves(arrays)}
     return out
 
@@ -119,7 +150,7 @@ def leaves(tree) -> dict:
 
 def first_copies(run: dict, copies: int) -> dict:
     """A run's arrays restricted to the first `copies` copies of each width group."""
-    grouped = {k: np.asarray(v)[:, :copies] for k, v in run["grouped"].items()}
+    grouped = {k: np.asarray(v)[:copies] for k, v in run["grouped"].items()}
     per_model = {}
     for key, value in run["per_model"].items():
         value = np.asarray(value)
@@ -135,21 +166,24 @@ def test_sharded_sweep_equals_one_device():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
-    meshes = {name: (run["mesh"]["replica"], run["mesh"]["streams"], run["mesh"]["copies"])
-              for name, run in runs.items()}
-    assert meshes == {"1": (1, 1, 1), "8": (1, 2, 4), "6 of 8": (1, 2, 3),
-                      "one stream, 1": (1, 1, 1), "one stream, 8": (1, 1, 8)}
-    # The widest group's encoders [data streams, copies, width, D], split over both axes.
-    shards = {"8": [1, 2, 4, 32], "6 of 8": [1, 2, 4, 32], "one stream, 8": [1, 1, 4, 32]}
+    meshes = {name: tuple(run["mesh"].values()) for name, run in runs.items()}
+    assert meshes == {"1": (1, 1, 1, 1), "8": (1, 2, 1, 4), "6 of 8": (1, 2, 1, 3),
+                      "widths, 1": (1, 1, 1, 1), "widths, 8": (1, 2, 2, 2),
+                      "one stream, 1": (1, 1, 1, 1), "one stream, 6": (1, 1, 3, 2)}
+    # The last lane's encoders [data streams, width shards × copies, width, D]: in "widths, 8"
+    # the lane of widths 8 and 4, in "one stream, 6" of 8, 4 and 3, padded to 8.
+    shards = {"8": [1, 2, 4, 32], "6 of 8": [1, 2, 4, 32], "widths, 8": [1, 1, 8, 32],
+              "one stream, 6": [1, 1, 8, 32]}
     for name, shard in shards.items():
-        assert runs[name]["encoder_spec"] == str(PartitionSpec("streams", "copies")), name
+        assert runs[name]["encoder_spec"] == str(sweep.BY_GROUP), name
         assert runs[name]["encoder_shard"] == shard, name
     one = first_copies(runs["1"], 8)
     names = one.keys()
     assert any("rare_rate" in k for k in names) and any("interference" in k for k in names)
     assert any("mu" in k for k in names) and np.isfinite(one["['interference']"]).mean() > 0.5
     for name, reference, copies in (("8", "1", 8), ("6 of 8", "1", 6),
-                                    ("one stream, 8", "one stream, 1", 8)):
+                                    ("widths, 8", "widths, 1", 2),
+                                    ("one stream, 6", "one stream, 1", 2)):
         got, want = first_copies(runs[name], copies), first_copies(runs[reference], copies)
         assert got.keys() == want.keys()
         for key in want:

@@ -6,10 +6,11 @@ rare-task multiplier × update rule) in one jitted program, run by `rareret.run.
 per-task gradient interference. All models see the same inputs; each (gap, rare multiplier,
 update rule) gets its own stream of task ids over those inputs (streams that differ only in
 the update rule draw the same ids). The models are split over the devices of a
-("replica", "streams", "copies") mesh (`model_mesh`): their data streams (gap × rare multiplier)
-over one axis, their copies (seeds × learning rates) over the other; each device runs the same
-packed program on its share and draws the shared batch itself. The specs are in
-`rareret.synthetic.spec`, the arrays it records in `rareret.synthetic.records`.
+("replica", "streams", "widths", "copies") mesh (`model_mesh`): their data streams (gap × rare
+multiplier), width groups (as lanes of zero-padded widths, `width_lanes`) and copies (seeds ×
+learning rates); each device runs the same packed program on its share and draws the shared
+batch itself. The specs are in `rareret.synthetic.spec`, the arrays it records in
+`rareret.synthetic.records`.
 
 Shapes (docs/method.md "Shape letters"): B batch, D input dim, K tasks, T task dim, M models,
 G width groups, C models (copies) per group, S streams, Y injection cycles.
@@ -22,6 +23,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 from fractions import Fraction
 
 import jax
@@ -37,21 +39,26 @@ from rareret.synthetic.spec import (UPDATE_RULES, Injection, Sweep, TaskMixture,
                                     multiplied_priors, rarest_task)
 
 STREAMS_AXIS = "streams"  # The mesh axis a sweep's data streams are split over.
+WIDTHS_AXIS = "widths"  # The mesh axis a sweep's width groups are split over (as lanes).
 COPIES_AXIS = "copies"  # The mesh axis a sweep's model copies are split over.
-# State entries held per (update rule, width) group, [data streams, copies, ...] (`stacked`).
+# State entries held per (update rule, width lane) group, [data streams, width shards × copies,
+# ...] (`stacked`).
 GROUPED_STATE = ("params", "opt_state")
+BY_GROUP = PartitionSpec(STREAMS_AXIS, (WIDTHS_AXIS, COPIES_AXIS))  # A grouped state entry.
+BY_MODEL = PartitionSpec(STREAMS_AXIS, None, (WIDTHS_AXIS, COPIES_AXIS))  # `_lane_rows`.
 
 
 class SweepProgram(Program):
     """The compiled pieces of a sweep: init, a chunk of training steps, metrics, interference.
 
     The state is {"params", "opt_state", "diverged" [M], "train_loss" [M]}: "params" and
-    "opt_state" hold one entry per (update rule, width) group with the data streams stacked in
-    front, [data streams, copies, ...] (`stacked`; `unstacked` gives the packed model's one
-    group per (stream, width)), split over the mesh; `train_loss` is the
-    mean batch loss of each model over the last `train` call (NaN at step 0). With
-    `Sweep.rare_multiplier` set it also holds `rare_rate` [M], the fraction of rare-task examples
-    in the batches of that call (NaN at step 0).
+    "opt_state" hold one entry per (update rule, width lane) group with the data streams stacked
+    in front, [data streams, width shards × copies, ...] (`stacked`), split over the mesh. With
+    the widths unsplit (one width shard) a lane is a width and `unstacked` gives the packed
+    model's one group per (stream, width); `model_groups` gives them in any split. `train_loss`
+    is the mean batch loss of each model over the last `train` call (NaN at step 0). With
+    `Sweep.rare_multiplier` set it also holds `rare_rate` [M], the fraction of rare-task
+    examples in the batches of that call (NaN at step 0).
     """
 
     def __init__(self, mixture: TaskMixture, sweep: Sweep,
@@ -94,9 +101,17 @@ class SweepProgram(Program):
         self.learning_rate_M = jnp.asarray(self.model_coords["learning_rate"])
         self._streams = self._stream_tables()
         self.checkpoint_every = sweep.checkpoint_every
-        self.mesh = model_mesh(len(self.data_streams), self.layout.copies, devices)
+        self.mesh = model_mesh(len(self.data_streams), self.layout.copies, sweep.widths, devices)
+        self.lanes = width_lanes(sweep.widths, self.mesh.shape[WIDTHS_AXIS])
+        self.lane_widths = tuple(max(sweep.widths[i] for i in lane if i >= 0)
+                                 for lane in self.lanes)
+        self._lane_model_M = self._lane_models()
+        real = self._lane_model_M >= 0
+        self._model_lane_M = np.empty(self.layout.num_models, np.int64)
+        self._model_lane_M[self._lane_model_M[real]] = np.flatnonzero(real)
+        self.width_M = jnp.asarray(self.model_coords["width"], jnp.float32)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        by_group = NamedSharding(self.mesh, PartitionSpec(STREAMS_AXIS, COPIES_AXIS))
+        by_group = NamedSharding(self.mesh, BY_GROUP)
 
         def placed(name, leaves):  # Parameters and optimiser state split; [M] arrays whole.
             sharding = by_group if name in GROUPED_STATE else self.replicated
@@ -110,6 +125,53 @@ class SweepProgram(Program):
                                 out_shardings=self.replicated)
         self.interference = jax.jit(self._on_models(SweepProgram._interference),
                                     out_shardings=self.replicated)
+
+    def _lane_models(self) -> np.ndarray:
+        """The model in each slot of the lane layout, flattened [data streams, rules × lanes,
+        width shards × copies] (−1: a slot no model fills, all zero units)."""
+        rules, copies = len(self.sweep.update_rules), self.layout.copies
+        shards = len(self.lanes[0])
+        slots = np.full((len(self.data_streams), rules, len(self.lanes), shards, copies), -1)
+        for d, r, (j, lane) in itertools.product(range(len(self.data_streams)), range(rules),
+                                                 enumerate(self.lanes)):
+            for s, w in enumerate(lane):
+                if w >= 0:
+                    group = (d * rules + r) * len(self.sweep.widths) + w
+                    slots[d, r, j, s] = group * copies + np.arange(copies)
+        return slots.reshape(-1)
+
+    def _lane_rows(self, a):
+        """[M, ...] → the lane layout [data streams, rules × lanes, width shards × copies, ...];
+        empty slots hold zeros."""
+        real = self._lane_model_M >= 0
+        rows = jnp.take(a, np.maximum(self._lane_model_M, 0), axis=0)
+        rows = jnp.where(real.reshape(-1, *[1] * (a.ndim - 1)), rows, jnp.zeros_like(rows))
+        return rows.reshape(len(self.data_streams), len(self.sweep.update_rules) * len(self.lanes),
+                            -1, *a.shape[1:])
+
+    def _model_rows(self, a):
+        """`_lane_rows`' inverse: [M, ...] in model order."""
+        return jnp.take(a.reshape(-1, *a.shape[3:]), self._model_lane_M, axis=0)
+
+    def model_groups(self, state: dict) -> dict:
+        """The grouped state entries (`GROUPED_STATE`) as the unsplit packed model holds them:
+        one group per (stream, width), [copies, ...], without padding."""
+        copies, widths = self.layout.copies, len(self.sweep.widths)
+        position = {w: (j, s) for j, lane in enumerate(self.lanes) for s, w in enumerate(lane)}
+        shapes = jax.eval_shape(self._model_state)
+        out = {}
+        for name in GROUPED_STATE:
+            lanes = unstacked(state[name])  # One group per (stream, lane).
+            groups = []
+            for g, shape in enumerate(shapes[name]):
+                stream, w = divmod(g, widths)
+                j, s = position[w]
+                groups.append(jax.tree.map(
+                    lambda a, want, s=s: a[(slice(s * copies, (s + 1) * copies),)
+                                           + tuple(slice(0, n) for n in want.shape[1:])],
+                    lanes[stream * len(self.lanes) + j], shape))
+            out[name] = tuple(groups)
+        return out
 
     def _stream_tables(self):
         """Per stream: task priors, gap and injection counts per cycle (host-computed, exact).
@@ -173,18 +235,44 @@ class SweepProgram(Program):
             lambda value, sharding: jax.make_array_from_callback(
                 value.shape, sharding, lambda index: value[index]), local, self.state_shardings)
 
-    def _init_state(self) -> dict:
+    def _model_params(self):
+        """Every model's params, one group per (stream, width), each from key (seed, width)."""
         keys_M = jnp.stack([jax.random.fold_in(jax.random.key(int(s)), int(w))
                             for w, s in zip(self.model_coords["width"],
                                             self.model_coords["seed"])])
-        params = model.init_params(self.layout, keys_M)
+        return model.init_params(self.layout, keys_M)
+
+    def _model_state(self) -> dict:
+        """`_model_params` and their optimiser state, as the unsplit packed model holds them."""
+        params = self._model_params()
+        return {"params": params, "opt_state": self._init_opt(params)}
+
+    def _init_state(self) -> dict:
+        in_lanes = self._narrowed(len(self.data_streams), len(self.lanes[0]) * self.layout.copies,
+                                  self._lane_rows(self.learning_rate_M).reshape(-1),
+                                  self._lane_rows(self.width_M).reshape(-1))
+        params = self._as_lanes(self._model_params())
         state = {"params": stacked(params, len(self.data_streams)),
-                 "opt_state": stacked(self._init_opt(params), len(self.data_streams)),
+                 "opt_state": stacked(in_lanes._init_opt(params), len(self.data_streams)),
                  "diverged": jnp.zeros(self.layout.num_models, bool),
                  "train_loss": jnp.full(self.layout.num_models, jnp.nan, jnp.float32)}
         if self.tracks_rare:
             state["rare_rate"] = jnp.full(self.layout.num_models, jnp.nan, jnp.float32)
         return state
+
+    def _as_lanes(self, params) -> tuple:
+        """Params per (stream, width) → per (stream, lane), each lane's widths zero-padded to
+        its widest (`model.padded`) and joined along the copies, width shard first."""
+        copies, (_, num_tasks, task_dim, _) = self.layout.copies, params[0]["decoders"].shape
+        empty = {"encoder": jnp.zeros((copies, 0, self.mixture.input_dim), jnp.float32),
+                 "decoders": jnp.zeros((copies, num_tasks, task_dim, 0), jnp.float32)}
+        out = []
+        for stream, (lane, width) in itertools.product(range(len(self.streams)),
+                                                       zip(self.lanes, self.lane_widths)):
+            groups = [model.padded(params[stream * len(self.sweep.widths) + w] if w >= 0
+                                   else empty, width) for w in lane]
+            out.append(jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *groups))
+        return tuple(out)
 
     def abstract_state(self) -> dict:
         return jax.tree.map(
@@ -196,28 +284,23 @@ class SweepProgram(Program):
     @property
     def stream_M(self) -> np.ndarray:
         """Stream of each model, [M]."""
-        return np.repeat(np.arange(len(self.streams)), len(self.sweep.widths) * self.layout.copies)
+        return np.repeat(np.arange(len(self.streams)), len(self.layout.widths) * self.layout.copies)
 
     def _map_models(self, fn, grouped: dict, per_model: dict, *args):
         """`fn(shard, grouped, per_model, *args)` → (grouped, per_model) on each device's models.
 
-        `grouped`: name → a state entry held per (rule, width) group (`stacked`), split over the
-        mesh's streams and copies axes; `per_model`: name → [M, ...] arrays, each device given
-        its models' rows; `args`: the same on every device. `fn` gets them as `shard` (this
-        program narrowed to the device's data streams and copies, `_shard`) holds them: one
-        group per (stream, width) and [M / devices, ...] rows. Every device draws the whole
-        shared batch itself.
+        `grouped`: name → a state entry held per (rule, width lane) group (`stacked`), split
+        over the mesh; `per_model`: name → [M, ...] arrays, each device given its models' rows
+        (`_lane_rows`); `args`: the same on every device. `fn` gets them as `shard` (this
+        program narrowed to the device's block of the lane layout, `_narrowed`) holds them: one
+        group per (stream, lane) and a row per model slot. Every device draws the whole shared
+        batch itself.
         """
-        data_streams, copies = len(self.data_streams), self.layout.copies
-        by_group = PartitionSpec(STREAMS_AXIS, COPIES_AXIS)
-        by_model = PartitionSpec(STREAMS_AXIS, None, COPIES_AXIS)
-
-        def as_grid(a):  # [M, ...] → [data streams, rules × widths, copies, ...]
-            return a.reshape(data_streams, -1, copies, *a.shape[1:])
-
-        def local(grouped, per_model, rates, *args):
+        def local(grouped, per_model, rates, widths, *args):
             local_streams, _, local_copies = rates.shape
-            shard = self._shard(rates.reshape(-1), local_streams)
+            shard = self._narrowed(local_streams, local_copies, rates.reshape(-1),
+                                   widths.reshape(-1),
+                                   jax.lax.axis_index(STREAMS_AXIS) * local_streams)
             grouped, rows = fn(shard, {name: unstacked(v) for name, v in grouped.items()},
                                jax.tree.map(lambda a: a.reshape(-1, *a.shape[3:]), per_model),
                                *args)
@@ -225,33 +308,35 @@ class SweepProgram(Program):
                     jax.tree.map(lambda a: a.reshape(local_streams, -1, local_copies,
                                                      *a.shape[1:]), rows))
 
-        in_specs = (by_group, by_model, by_model) + (PartitionSpec(),) * len(args)
+        in_specs = (BY_GROUP, BY_MODEL, BY_MODEL, BY_MODEL) + (PartitionSpec(),) * len(args)
         grouped, per_model = jax.shard_map(
-            local, mesh=self.mesh, in_specs=in_specs, out_specs=(by_group, by_model),
+            local, mesh=self.mesh, in_specs=in_specs, out_specs=(BY_GROUP, BY_MODEL),
             check_vma=False)(
-            grouped, jax.tree.map(as_grid, per_model), as_grid(self.learning_rate_M), *args)
-        return grouped, jax.tree.map(lambda a: a.reshape(-1, *a.shape[3:]), per_model)
+            grouped, jax.tree.map(self._lane_rows, per_model),
+            self._lane_rows(self.learning_rate_M), self._lane_rows(self.width_M), *args)
+        return grouped, jax.tree.map(self._model_rows, per_model)
 
-    def _shard(self, learning_rate_M, data_streams: int):
-        """This program as one device of the mesh runs it: `data_streams` of the data streams
-        (the device's block of the streams axis) with their every update rule, and its share of
-        each group's copies, with their learning rates [M / devices].
+    def _narrowed(self, data_streams: int, copies: int, learning_rate_M, width_M,
+                  first_stream=0):
+        """This program on a block of the lane layout (one device's, in `_map_models`):
+        `data_streams` data streams from `first_stream`, with their every update rule, one group
+        per (stream, lane) of `copies` model slots, whose learning rates and true widths are
+        `learning_rate_M` and `width_M` [slots] (0 for an empty slot).
 
-        Its `streams` name only the update rules: a device's gaps and multipliers are known
-        when it runs, in its rows of the stream tables.
+        Its `streams` name only the update rules: its gaps and multipliers are known when it
+        runs, in its rows of the stream tables.
         """
         shard = copy.copy(self)
         rules = self.sweep.update_rules
         streams = data_streams * len(rules)
         shard.streams = [(None, None, rule) for _ in range(data_streams) for rule in rules]
-        shard.group_rules = tuple(rule for _, _, rule in shard.streams for _ in self.sweep.widths)
-        shard.layout = dataclasses.replace(
-            self.layout, streams=streams,
-            copies=self.layout.copies // self.mesh.shape[COPIES_AXIS])
-        first = jax.lax.axis_index(STREAMS_AXIS) * streams
-        shard._streams = {name: jax.lax.dynamic_slice_in_dim(table, first, streams)
+        shard.group_rules = tuple(rule for _, _, rule in shard.streams for _ in self.lanes)
+        shard.layout = dataclasses.replace(self.layout, widths=self.lane_widths, streams=streams,
+                                           copies=copies)
+        shard._streams = {name: jax.lax.dynamic_slice_in_dim(table, first_stream * len(rules),
+                                                             streams)
                           for name, table in self._streams.items()}
-        shard.learning_rate_M = learning_rate_M
+        shard.learning_rate_M, shard.width_M = learning_rate_M, width_M
         return shard
 
     def _sharded_train_chunk(self, state, num_steps, first_step):
@@ -408,7 +493,7 @@ class SweepProgram(Program):
                 if self.group_rules[g] == "adamw":
                     encoder = (grad_hidden.T @ x_BxD).reshape(p["encoder"].shape)
                 else:
-                    stream_tiles = jax.tree.map(lambda a: a[g // len(self.sweep.widths)], tiles)
+                    stream_tiles = jax.tree.map(lambda a: a[g // len(self.layout.widths)], tiles)
                     encoder = model.task_encoder_gradients(
                         grad_hidden, x_BxD, stream_tiles, self.mixture.num_tasks, copies)
             grads.append({"encoder": encoder, "decoders": grad_decoders[g]})
@@ -469,7 +554,8 @@ class SweepProgram(Program):
 
     def _evaluate(self, params):
         task_loss_MxK = model.population_task_loss(params, self.sqrt_spectra_KxT)
-        alignment_MxK, misaligned_MxK = model.subspace_alignment(params, self.sqrt_spectra_KxT)
+        alignment_MxK, misaligned_MxK = model.subspace_alignment(params, self.sqrt_spectra_KxT,
+                                                                 self.width_M)
         delta_f_M = jnp.sum(self.frequent_weights_K * misaligned_MxK, axis=1)
         return {"task_loss": task_loss_MxK, "alignment": alignment_MxK, "delta_f": delta_f_M}
 
@@ -521,26 +607,44 @@ def unstacked(grouped: tuple) -> tuple:
                  for d in range(data_streams) for group in grouped)
 
 
-def model_mesh(data_streams: int, copies: int, devices=None) -> Mesh:
-    """The ("replica", "streams", "copies") mesh a sweep runs on: its `data_streams` (gap ×
-    rare multiplier) over "streams", the `copies` of each of its groups over "copies".
+def model_mesh(data_streams: int, copies: int, widths, devices=None) -> Mesh:
+    """The ("replica", "streams", "widths", "copies") mesh a sweep runs on: its `data_streams`
+    (gap × rare multiplier) over "streams", its `widths` as lanes over "widths"
+    (`width_lanes`), the `copies` of each of its groups over "copies".
 
-    The models are split over as many of `devices` (default: every device of every process) as
-    a split of both divides evenly, splitting the data streams first where the device count is
-    the same either way (a device then draws fewer task ids and targets), taking the same
-    number of devices from each process, so every process of a multi-process run holds part of
-    the sweep; when the processes cannot share the models evenly, each process holds the whole
-    sweep (split over its own devices) and the processes are replicas. Devices outside the
-    mesh stay idle. Results do not depend on the split: each device draws the shared batch
-    from the same (data seed, step).
+    The split is the one that leaves the fewest model rows (copies × padded width) per device
+    with at most all `devices` (default: every device of every process); among equals, the one
+    with the fewest width shards (padding) and then the most stream shards (a device then draws
+    fewer task ids and targets). It takes the same number of devices from each process, so
+    every process of a multi-process run holds part of the sweep; when the processes cannot
+    share the models evenly, each process holds the whole sweep (split over its own devices)
+    and the processes are replicas. Devices outside the mesh stay idle. Results do not depend
+    on the split: each device draws the shared batch from the same (data seed, step), and zero
+    units pad the widths (`model.padded`).
     """
-    grid = model_device_grid(data_streams, copies,
+    grid = model_device_grid(data_streams, copies, widths,
                              jax.devices() if devices is None else devices)
-    return Mesh(np.array(grid), ("replica", STREAMS_AXIS, COPIES_AXIS))
+    return Mesh(np.array(grid), ("replica", STREAMS_AXIS, WIDTHS_AXIS, COPIES_AXIS))
 
 
-def model_device_grid(data_streams: int, copies: int, devices) -> list[list[list]]:
-    """`model_mesh`'s devices as a [replicas, stream shards, copy shards] grid."""
+def width_lanes(widths, shards: int) -> list[tuple[int, ...]]:
+    """The sweep's width groups (indices into `widths`) in lanes of `shards`, one per width
+    shard, −1 where a lane has fewer: the widths sorted widest first, cut into lanes (which
+    minimises the sum of the lanes' widest widths, what a device computes), ordered by their
+    first width in `widths` (one shard: `widths`' order)."""
+    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    lanes = [tuple(order[i:i + shards]) for i in range(0, len(order), shards)]
+    return sorted((lane + (-1,) * (shards - len(lane)) for lane in lanes),
+                  key=lambda lane: min(i for i in lane if i >= 0))
+
+
+def lane_rows(widths, shards: int) -> int:
+    """Rows (padded width) of one copy of every lane on a device, `widths` in `shards`."""
+    return sum(max(widths[i] for i in lane if i >= 0) for lane in width_lanes(widths, shards))
+
+
+def model_device_grid(data_streams: int, copies: int, widths, devices) -> list:
+    """`model_mesh`'s devices as a [replicas, stream shards, width shards, copy shards] grid."""
     by_process: dict[int, list] = {}
     for device in devices:
         by_process.setdefault(device.process_index, []).append(device)
@@ -548,22 +652,24 @@ def model_device_grid(data_streams: int, copies: int, devices) -> list[list[list
     lists = [by_process[p] for p in sorted(by_process)]
 
     def split(most: int, multiple_of: int):
-        """(stream shards, copy shards): the most devices ≤ `most`, then the most streams."""
-        splits = [(s, c) for s in range(1, data_streams + 1) for c in range(1, copies + 1)
-                  if data_streams % s == 0 and copies % c == 0 and s * c <= most
-                  and s * c % multiple_of == 0]
-        return max(splits, key=lambda sc: (sc[0] * sc[1], sc[0]), default=None)
+        """(stream, width, copy) shards of ≤ `most` devices: the fewest rows per device."""
+        splits = [(s, w, c) for s in range(1, data_streams + 1)
+                  for w in range(1, len(widths) + 1) for c in range(1, copies + 1)
+                  if data_streams % s == 0 and copies % c == 0 and s * w * c <= most
+                  and s * w * c % multiple_of == 0]
+        def rows(s, w, c):
+            return (data_streams // s) * (copies // c) * lane_rows(widths, w)
 
-    def grid(flat: list, streams: int, shards: int) -> list[list]:
-        return [flat[i:i + shards] for i in range(0, streams * shards, shards)]
+        return min(splits, key=lambda swc: (rows(*swc), swc[1], -swc[0]), default=None)
+
+    def grid(flat: list, shape) -> list:
+        return np.array(flat[:math.prod(shape)], dtype=object).reshape(shape).tolist()
 
     shared = split(processes * per_process, processes)
     if shared:
-        streams, shards = shared
-        per = streams * shards // processes
-        return [grid([d for devices_p in lists for d in devices_p[:per]], streams, shards)]
-    streams, shards = split(per_process, 1)
-    return [grid(devices_p, streams, shards) for devices_p in lists]
+        per = math.prod(shared) // processes
+        return [grid([d for devices_p in lists for d in devices_p[:per]], shared)]
+    return [grid(devices_p, split(per_process, 1)) for devices_p in lists]
 
 
 def spec_dict(mixture: TaskMixture, sweep: Sweep, injection: Injection | None) -> dict:
