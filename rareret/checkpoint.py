@@ -61,9 +61,8 @@ class Checkpoints:
             shapes = ", ".join(str(s) for s in (want - have) or (have - want))
             raise ConfigError(
                 f"{self.directory}/{step}: the checkpoint's arrays do not have this run's state's "
-                f"shapes (differing: {shapes}); was it written by another version of rareret, or (a "
-                f"sweep) on devices that split its widths differently (--dry_run shows the "
-                f"mesh)? --overwrite starts the run again")
+                f"shapes (differing: {shapes}); was it written by another version of rareret? "
+                f"--overwrite starts the run again")
 
     def close(self) -> None:
         self.manager.close()

@@ -92,7 +92,8 @@ class Program(abc.ABC):
 
     @abc.abstractmethod
     def abstract_state(self) -> Any:
-        """The state's structure (shapes, dtypes, shardings): the restore target."""
+        """The structure (shapes, dtypes, shardings) of the state as checkpoints hold it
+        (`checkpointed`): the restore target."""
 
     @abc.abstractmethod
     def train(self, state, start: int, stop: int) -> Any:
@@ -103,6 +104,14 @@ class Program(abc.ABC):
     def record(self, state, step: int) -> dict:
         """One record of `state` after `step` steps: a row per record array (device arrays are
         fetched later; nothing may alias state that the next `train` donates)."""
+
+    def checkpointed(self, state) -> Any:
+        """`state` as its checkpoints hold it (default: as it is)."""
+        return state
+
+    def resumed(self, saved) -> Any:
+        """`checkpointed`'s inverse: the state to train on from a restored checkpoint."""
+        return saved
 
     def running(self) -> contextlib.AbstractContextManager:
         """A context held open while the run trains (e.g. a thread limit)."""
@@ -271,7 +280,8 @@ class Run:
             return state, 0, program.record(state, 0)
         require(latest in self.steps, f"{self.workdir}: checkpoint step {latest} is not a record "
                                       f"step of this run; pass --overwrite to start again")
-        state = self.checkpoints.restore(latest, program.abstract_state(), program.iterator)
+        state = program.resumed(self.checkpoints.restore(latest, program.abstract_state(),
+                                                         program.iterator))
         self.writer = store.MetricWriter.open(self.metrics_dir) if writer_process else None
         if self.writer:  # The records after the checkpoint go; they are recomputed.
             steps = store.open_metrics(self.metrics_dir).read("step")
@@ -296,7 +306,7 @@ class Run:
         self.preempted = processes.any_process(guard is not None and guard.requested)
         if self.preempted or self.done or stop // every > self.last_saved // every:
             self.commit()
-            self.checkpoints.save(stop, self.state, program.iterator)
+            self.checkpoints.save(stop, program.checkpointed(self.state), program.iterator)
             self.last_saved = stop
         if self.progress:
             self.progress.update(stop, self.summary)

@@ -9,8 +9,10 @@ on 1 device and on 8 (2 stream shards × 4 copy shards); its first 3 seeds (6 co
 8 devices (2 × 3), which must equal those seeds' models in the 8-copy sweep (a model depends
 only on its seed, width, rate and stream); the same sweep at 1 seed and four widths on 8 devices
 (2 stream × 2 width × 2 copy shards: lanes of widths padded with zero units); and a one-stream
-sweep of four widths on 6 devices (3 width × 2 copy shards: a lane with empty slots). The
-two-process split (gloo) is `tests/test_sweep_multihost.py`.
+sweep of four widths on 6 devices (3 width × 2 copy shards: a lane with empty slots). A
+checkpoint of the 8-device width split, restored on 1 device (orbax, as `rareret.run` does it),
+trains on as that device's own run. The two-process split (gloo) is
+`tests/test_sweep_multihost.py`.
 """
 
 import dataclasses
@@ -24,6 +26,7 @@ import jax
 import numpy as np
 import pytest
 
+from rareret.checkpoint import Checkpoints
 from rareret.synthetic import sweep
 from rareret.synthetic.spec import Injection, Sweep, TaskMixture
 
@@ -124,23 +127,33 @@ RUNS = {"1": (SWEEP, 1), "8": (SWEEP, 8),
         "one stream, 1": (ONE_STREAM, 1), "one stream, 6": (ONE_STREAM, 6)}
 
 
-def sharded_run() -> dict:
-    """Trains, evaluates and measures interference on each of `RUNS`."""
+def sharded_run(checkpoints: str) -> dict:
+    """Trains, evaluates and measures interference on each of `RUNS`; "widths, 8 then 1"
+    resumes "widths, 8"'s step-8 checkpoint on one device."""
     assert jax.device_count() == 8, jax.devices()
-    out = {}
+    out, programs = {}, {}
     for name, (spec, count) in RUNS.items():
-        program = sweep.SweepProgram(MIX, spec, INJECTION, devices=jax.devices()[:count])
+        programs[name] = program = sweep.SweepProgram(MIX, spec, INJECTION,
+                                                      devices=jax.devices()[:count])
         state = program.init()
         encoder = state["params"][-1]["encoder"]
-        state = program.train(program.train(state, 0, 8), 8, 20)  # Across a chunk boundary.
-        arrays = {**{k: v for k, v in state.items() if k not in sweep.GROUPED_STATE},
-                  **program.evaluate(state["params"]), **program.interference(state["params"], 10)}
-        out[name] = {"mesh": dict(program.mesh.shape), "groups": program.layout.num_groups,
-                     "encoder_spec": str(encoder.sharding.spec),
-                     "encoder_shard": list(encoder.sharding.shard_shape(encoder.shape)),
-                     "grouped": leaves(program.model_groups(state)),
-                     "per_model": leaves(arrays)}
+        state = program.train(state, 0, 8)
+        if name == "widths, 8":
+            Checkpoints(checkpoints).save(8, program.checkpointed(state))
+        out[name] = results(program, program.train(state, 8, 20))  # Across a chunk boundary.
+        out[name].update(encoder_spec=str(encoder.sharding.spec),
+                         encoder_shard=list(encoder.sharding.shard_shape(encoder.shape)))
+    one = programs["widths, 1"]
+    saved = Checkpoints(checkpoints).restore(8, one.abstract_state())
+    out["widths, 8 then 1"] = results(one, one.train(one.resumed(saved), 8, 20))
     return out
+
+
+def results(program, state) -> dict:
+    arrays = {**{k: v for k, v in state.items() if k not in sweep.GROUPED_STATE},
+              **program.evaluate(state["params"]), **program.interference(state["params"], 10)}
+    return {"mesh": dict(program.mesh.shape), "groups": program.layout.num_groups,
+            "grouped": leaves(program.model_groups(state)), "per_model": leaves(arrays)}
 
 
 def leaves(tree) -> dict:
@@ -159,16 +172,17 @@ def first_copies(run: dict, copies: int) -> dict:
     return {**grouped, **per_model}
 
 
-def test_sharded_sweep_equals_one_device():
+def test_sharded_sweep_equals_one_device(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path / "checkpoints")], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
     meshes = {name: tuple(run["mesh"].values()) for name, run in runs.items()}
     assert meshes == {"1": (1, 1, 1, 1), "8": (1, 2, 1, 4), "6 of 8": (1, 2, 1, 3),
                       "widths, 1": (1, 1, 1, 1), "widths, 8": (1, 2, 2, 2),
+                      "widths, 8 then 1": (1, 1, 1, 1),
                       "one stream, 1": (1, 1, 1, 1), "one stream, 6": (1, 1, 3, 2)}
     # The last lane's encoders [data streams, width shards × copies, width, D]: in "widths, 8"
     # the lane of widths 8 and 4, in "one stream, 6" of 8, 4 and 3, padded to 8.
@@ -183,6 +197,7 @@ def test_sharded_sweep_equals_one_device():
     assert any("mu" in k for k in names) and np.isfinite(one["['interference']"]).mean() > 0.5
     for name, reference, copies in (("8", "1", 8), ("6 of 8", "1", 6),
                                     ("widths, 8", "widths, 1", 2),
+                                    ("widths, 8 then 1", "widths, 1", 2),
                                     ("one stream, 6", "one stream, 1", 2)):
         got, want = first_copies(runs[name], copies), first_copies(runs[reference], copies)
         assert got.keys() == want.keys()
@@ -192,4 +207,4 @@ def test_sharded_sweep_equals_one_device():
 
 
 if __name__ == "__main__":
-    print(json.dumps(sharded_run()))
+    print(json.dumps(sharded_run(sys.argv[1])))

@@ -7,7 +7,7 @@ holds C models (seeds × learning rates × …) of width N_g, stored as
     params[g] = {"encoder": [C, N_g, D], "decoders": [C, K, T, N_g]}
 
 and model index m = g·C + c. Nothing is padded to the widest width (a sweep split over devices
-pads each device's groups to shared widths with zero units: `padded`).
+pads each device's groups to shared widths with zero units: `rareret.synthetic.sweep`).
 
 The encoders (the bulk of the work) take a few GEMMs forward, narrow groups sharing one
 (`encode`), and one GEMM backward for all models. The decoders differ per example's
@@ -99,15 +99,6 @@ def init_params(layout: PackedLayout, keys_M: jax.Array) -> Params:
                        "decoders": decoders})
         m += layout.copies
     return tuple(params)
-
-
-def padded(group: dict, width: int) -> dict:
-    """A group's models with zero units appended up to `width`: encoder rows and decoder columns
-    that are zero stay zero under training (their gradients are zero, and so AdamW's moments and
-    weight decay), so the padded models compute what the unpadded ones do."""
-    extra = width - group["encoder"].shape[1]
-    return {"encoder": jnp.pad(group["encoder"], ((0, 0), (0, extra), (0, 0))),
-            "decoders": jnp.pad(group["decoders"], ((0, 0), (0, 0), (0, 0), (0, extra)))}
 
 
 class TaskTiles(NamedTuple):
@@ -427,7 +418,7 @@ def subspace_alignment(params: Params, sqrt_spectra_KxT: jax.Array, widths_M=Non
     Basis: with W Wᵀ = U Λ Uᵀ, the rows of S W, S = Λ^{-1/2} Uᵀ, span W's row space; eigen-
     directions with λ ≤ λ_max · N · 1e-6 (singular values below ~1e-3 of the largest) are
     dropped as rank deficiency (N: the model's true width, `widths_M` [M] where zero units pad
-    the groups (`padded`), else its group's). Newton–Schulz steps S ← (3I − Q Qᵀ) S / 2, Q = S W, then make
+    the groups, else its group's). Newton–Schulz steps S ← (3I − Q Qᵀ) S / 2, Q = S W, then make
     the rows orthonormal to float32 accuracy, whatever W's conditioning within that threshold.
     For 1 − s_k, P_W e_d = Wᵀ c_d with c_d the least-squares solution of Wᵀ c ≈ e_d, started
     from Sᵀ Q e_d and refined once; e_d − Wᵀ c_d is formed by `residual`. Measured relative

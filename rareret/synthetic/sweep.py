@@ -110,15 +110,19 @@ class SweepProgram(Program):
         self._model_lane_M = np.empty(self.layout.num_models, np.int64)
         self._model_lane_M[self._lane_model_M[real]] = np.flatnonzero(real)
         self.width_M = jnp.asarray(self.model_coords["width"], jnp.float32)
+        self._lane_shapes = self._lane_state_shapes()
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        by_group = NamedSharding(self.mesh, BY_GROUP)
 
-        def placed(name, leaves):  # Parameters and optimiser state split; [M] arrays whole.
-            sharding = by_group if name in GROUPED_STATE else self.replicated
-            return jax.tree.map(lambda _: sharding, leaves)
+        def placed(state, by_group):  # Parameters and optimiser state split; [M] arrays whole.
+            return {name: jax.tree.map(
+                lambda _: NamedSharding(self.mesh, by_group) if name in GROUPED_STATE
+                else self.replicated, leaves) for name, leaves in state.items()}
 
-        self.state_shardings = {name: placed(name, leaves)
-                                for name, leaves in jax.eval_shape(self._init_state).items()}
+        self.state_shardings = placed(jax.eval_shape(self._init_state), BY_GROUP)
+        self.saved_shardings = placed(jax.eval_shape(lambda: self._to_saved(self._init_state())),
+                                      PartitionSpec(STREAMS_AXIS, COPIES_AXIS))
+        self._checkpointed = jax.jit(self._to_saved, out_shardings=self.saved_shardings)
+        self._resumed = jax.jit(self._from_saved, out_shardings=self.state_shardings)
         self.train_chunk = jax.jit(self._sharded_train_chunk, donate_argnums=0,
                                    out_shardings=self.state_shardings)
         self.evaluate = jax.jit(self._on_models(SweepProgram._evaluate),
@@ -248,36 +252,72 @@ class SweepProgram(Program):
         return {"params": params, "opt_state": self._init_opt(params)}
 
     def _init_state(self) -> dict:
-        in_lanes = self._narrowed(len(self.data_streams), len(self.lanes[0]) * self.layout.copies,
-                                  self._lane_rows(self.learning_rate_M).reshape(-1),
-                                  self._lane_rows(self.width_M).reshape(-1))
-        params = self._as_lanes(self._model_params())
-        state = {"params": stacked(params, len(self.data_streams)),
-                 "opt_state": stacked(in_lanes._init_opt(params), len(self.data_streams)),
+        state = self._model_state()
+        state = {**{name: stacked(self._as_lanes(name, state[name]), len(self.data_streams))
+                    for name in GROUPED_STATE},
                  "diverged": jnp.zeros(self.layout.num_models, bool),
                  "train_loss": jnp.full(self.layout.num_models, jnp.nan, jnp.float32)}
         if self.tracks_rare:
             state["rare_rate"] = jnp.full(self.layout.num_models, jnp.nan, jnp.float32)
         return state
 
-    def _as_lanes(self, params) -> tuple:
-        """Params per (stream, width) → per (stream, lane), each lane's widths zero-padded to
-        its widest (`model.padded`) and joined along the copies, width shard first."""
-        copies, (_, num_tasks, task_dim, _) = self.layout.copies, params[0]["decoders"].shape
-        empty = {"encoder": jnp.zeros((copies, 0, self.mixture.input_dim), jnp.float32),
-                 "decoders": jnp.zeros((copies, num_tasks, task_dim, 0), jnp.float32)}
+    def _as_lanes(self, name: str, groups: tuple) -> tuple:
+        """Grouped state entry `name` per (stream, width), [copies, ...] (`_model_state`) → per
+        (stream, lane), [width shards × copies, ...]: each lane's widths zero-padded to its
+        widest, empty slots all zeros. Zero units stay zero (their gradients are zero, and so
+        AdamW's moments and weight decay) and change no metric given the true widths."""
+        copies, rules = self.layout.copies, len(self.sweep.update_rules)
+
+        def slot(want, group):  # One width shard's copies in the lane's shapes.
+            if group is None:
+                return jax.tree.map(lambda t: jnp.zeros((copies, *t.shape[1:]), t.dtype), want)
+            return jax.tree.map(lambda t, a: jnp.pad(a, [(0, n - m) for n, m in zip(
+                (copies, *t.shape[1:]), a.shape)]), want, group)
+
         out = []
-        for stream, (lane, width) in itertools.product(range(len(self.streams)),
-                                                       zip(self.lanes, self.lane_widths)):
-            groups = [model.padded(params[stream * len(self.sweep.widths) + w] if w >= 0
-                                   else empty, width) for w in lane]
-            out.append(jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *groups))
+        for stream, (j, lane) in itertools.product(range(len(self.streams)),
+                                                   enumerate(self.lanes)):
+            want = self._lane_shapes[name][stream % rules * len(self.lanes) + j]
+            slots = [slot(want, groups[stream * len(self.sweep.widths) + w] if w >= 0 else None)
+                     for w in lane]
+            out.append(jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *slots))
         return tuple(out)
+
+    def _lane_state_shapes(self) -> dict:
+        """The grouped state entries' shapes per (update rule, lane) group."""
+        slots = len(self.lanes[0]) * self.layout.copies
+        rates = np.zeros(len(self.sweep.update_rules) * len(self.lanes) * slots, np.float32)
+        in_lanes = self._narrowed(1, slots, rates, None)
+
+        def state():
+            keys = jax.random.split(jax.random.key(0), in_lanes.layout.num_models)
+            params = model.init_params(in_lanes.layout, keys)
+            return {"params": params, "opt_state": in_lanes._init_opt(params)}
+
+        return jax.eval_shape(state)
+
+    def _to_saved(self, state: dict) -> dict:
+        """The state as checkpoints hold it (`checkpointed`)."""
+        groups = self.model_groups(state)
+        return {**state, **{name: stacked(groups[name], len(self.data_streams))
+                            for name in GROUPED_STATE}}
+
+    def _from_saved(self, saved: dict) -> dict:
+        return {**saved, **{name: stacked(self._as_lanes(name, unstacked(saved[name])),
+                                          len(self.data_streams)) for name in GROUPED_STATE}}
+
+    def checkpointed(self, state: dict) -> dict:
+        """The state with params and optimiser state per (update rule, width) group, [data
+        streams, copies, ...], unpadded whatever the split: a run resumes on any devices."""
+        return self._checkpointed(state)
+
+    def resumed(self, saved: dict) -> dict:
+        return self._resumed(saved)
 
     def abstract_state(self) -> dict:
         return jax.tree.map(
             lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-            jax.eval_shape(self._init_state), self.state_shardings)
+            jax.eval_shape(lambda: self._to_saved(self._init_state())), self.saved_shardings)
 
     # ------------------------------------------------------------------ models over devices
 
