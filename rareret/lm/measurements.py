@@ -141,7 +141,8 @@ class LmMeasurements:
         chunks = (reference_chunks(*self.reference_instances.shape[1:],
                                    spec.global_batch * spec.seq_len) if tasks else 1)
         self._interference = jax.jit(functools.partial(
-            gradients.lm_interference, config, top_k=spec.interference_top_k, chunks=chunks),
+            gradients.lm_interference, config, top_k=spec.interference_top_k, chunks=chunks,
+            mesh=mesh),
             static_argnames="task_rows", out_shardings=self.replicated)
 
     # ------------------------------------------------------------------------------ behaviour

@@ -404,9 +404,11 @@ class LmProgram(Program):
                **self.model.traced(self.measure.behaviour, params, injected, probes_now)}
         if spec.probe_every and not probes_now:
             row.update(self.measure.no_representations())
-        if spec.interference_every:
-            row.update(self._gradients(params, step) if self._interference_at(step)
-                       else self.measure.no_gradients())
+        if spec.interference_every and self._interference_at(step):
+            _release_after(row)  # The behaviour's temporaries, before the gradients' are made.
+            row.update(self._gradients(params, step))
+        elif spec.interference_every:
+            row.update(self.measure.no_gradients())
         _release_after(row)
         return row
 
