@@ -25,10 +25,10 @@ gradient, no optimiser or elementwise work):
                  + 2·B·N_m·T (decoder grad)]
           = Σ_m (4·B·D·N_m + 6·B·N_m·T).
 
-gemm_fraction = useful FLOP/s ÷ the FLOP/s of XLA's CPU GEMM of the sweep's encoder shape
-[B, D] @ [D, ΣN] (ΣN over all of the sweep's models), measured in this process, interleaved with
-the runs. Each figure is the median over --reps repetitions; the methods take turns within each
-repetition. The last line printed is one JSON object.
+gemm_fraction = useful FLOP/s ÷ the FLOP/s of XLA's GEMM (on JAX's default backend) of the
+sweep's encoder shape [B, D] @ [D, ΣN] (ΣN over all of the sweep's models), measured in this
+process, interleaved with the runs. Each figure is the median over --reps repetitions; the
+methods take turns within each repetition. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class TorchLoop:
 
 
 class Gemm:
-    """FLOP/s of XLA's CPU GEMM [m, k] @ [k, n], cycling over 8 inputs (nothing to hoist)."""
+    """FLOP/s of XLA's GEMM [m, k] @ [k, n], cycling over 8 inputs (nothing to hoist)."""
 
     def __init__(self, m: int, k: int, n: int):
         key_x, key_w = jax.random.split(jax.random.key(0))
@@ -235,7 +235,7 @@ def specs(args: argparse.Namespace, seed_counts) -> tuple[TaskMixture, dict]:
 
 
 def encoder_gemm(sweep: Sweep, mixture: TaskMixture) -> Gemm:
-    """The gemm_fraction's denominator: XLA's CPU GEMM [B, D] @ [D, ΣN]."""
+    """The gemm_fraction's denominator: XLA's GEMM [B, D] @ [D, ΣN]."""
     total_width = sum(sweep.widths) * len(sweep.seeds) * len(sweep.learning_rates)
     return Gemm(sweep.batch_size, mixture.input_dim, total_width)
 
@@ -352,7 +352,8 @@ def main() -> None:
         summary[f"gemm_fraction{suffix}"] = round(flops / packed_s / gemm_rate[n], 4)
         summary[f"gemm_gflops_encoder_shape{suffix}"] = round(gemm_rate[n] / 1e9, 2)
         summary[f"useful_gflop_per_sweep_step{suffix}"] = round(flops / 1e9, 5)
-    print("\ngemm fraction = useful FLOP/s ÷ XLA's CPU GEMM FLOP/s at the encoder's shape:")
+    print(f"\ngemm fraction = useful FLOP/s ÷ XLA's {jax.default_backend().upper()} GEMM FLOP/s "
+          f"at the encoder's shape:")
     for n in counts:
         print(f"  {n} seed(s): [{batch}, {dim}] @ [{dim}, {sum(args.widths) * n}] at "
               f"{gemm_rate[n] / 1e9:.1f} GFLOP/s; useful work "
@@ -362,7 +363,8 @@ def main() -> None:
     print(load_average())
     summary.update({
         "gemm_gflops_square_1024": round(square_rate / 1e9, 2),
-        "gemm_fraction_denominator": "XLA CPU GEMM [B, D] @ [D, sum of the sweep's widths]",
+        "gemm_fraction_denominator": f"XLA {jax.default_backend().upper()} GEMM [B, D] @ "
+                                     f"[D, sum of the sweep's widths]",
         "sweep_steps_per_s": rows, "seeds": counts[-1], "widths": list(args.widths),
         "methods": [m.replace(" ", "_") for m in args.methods],
         "torch": torch.__version__ if run_torch else None,
