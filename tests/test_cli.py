@@ -2,6 +2,7 @@
 workdir alone. Each call is a subprocess so absl flags and gin start fresh."""
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -11,16 +12,33 @@ import numpy as np
 import pytest
 import zarr
 
+from xla_cache import persistent_compilation_cache
+
 DEFAULT_GIN = pathlib.Path(__file__).resolve().parents[1] / "gin_configs/synthetic/default.gin"
 TINY = ["TaskMixture.num_tasks = 4", "TaskMixture.task_dim = 4", "TaskMixture.input_dim = 16",
         "Sweep.widths = [2, 4]", "Sweep.num_steps = 20", "Sweep.record_every = 10",
         "Sweep.batch_size = 64"]
 
 
+CACHE_ENV: dict[str, str] = {}  # The persistent compilation cache, for every call.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The runs here compile the same tiny sweep's programs: one cache."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")) as env:
+        CACHE_ENV.update(env)
+        yield
+        CACHE_ENV.clear()
+
+
 def rareret(*args, cwd):
     argv = [sys.executable, "-m", "rareret.main", f"--gin_file={DEFAULT_GIN}"]
     argv += [f"--gin_bindings={b}" for b in TINY] + [str(a) for a in args]
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120)
+    # LLVM's expensive passes off: these runs' few steps take far less than their compiles.
+    env = {**os.environ, **CACHE_ENV, "XLA_FLAGS": "--xla_backend_optimization_level=0 "
+                                                   "--xla_llvm_disable_expensive_passes=true"}
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
 
 
 def snapshot(root: pathlib.Path) -> dict:

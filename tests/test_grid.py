@@ -18,6 +18,7 @@ from rareret.analysis import grid_report
 from rareret.errors import ConfigError
 from rareret.grid import manifest
 from rareret.grid_spec import Grid
+from xla_cache import persistent_compilation_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"""include '{REPO}/gin_configs/synthetic/default.gin'
@@ -31,10 +32,29 @@ Sweep.batch_size = 64
 """
 
 
+CACHE_ENV: dict[str, str] = {}  # The persistent compilation cache, for every cell's process.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The cells of a grid (and the grids here) compile the same programs: one cache."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")) as env:
+        CACHE_ENV.update(env)
+        yield
+        CACHE_ENV.clear()
+
+
+def grid_env() -> dict:
+    # LLVM's expensive passes off: these runs' few steps take far less than their compiles.
+    return {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_ENV,
+            "XLA_FLAGS": "--xla_backend_optimization_level=0 "
+                         "--xla_llvm_disable_expensive_passes=true"}
+
+
 def grid_cli(*args, cwd):
     argv = [sys.executable, "-m", "rareret.grid", *map(str, args)]
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          env=grid_env())
 
 
 def write_gin(tmp_path, name, axes) -> pathlib.Path:
@@ -170,7 +190,7 @@ def test_sigterm_checkpoints_the_running_cell_and_stops_the_grid(tmp_path):
     status, out, err = terminate_once_training(
         [sys.executable, "-m", "rareret.grid", f"--gin_file={gin_file}", f"--workdir={workdir}",
          "--gin_bindings=Sweep.num_steps = 1000000", "--gin_bindings=Sweep.record_every = 100",
-         "--noreport"], cwd=tmp_path, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+         "--noreport"], cwd=tmp_path, env=grid_env())
     assert status == 0, err
     assert "preempted: checkpoint saved at step" in err
     assert "grid: stopped in cell 0 (beta=0.5); re-run the same command to resume" in err

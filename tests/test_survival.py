@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
+from lm_corpus import golden_documents
 from rareret import store
+from rareret.lm import data
 from rareret.run import Run
 from rareret.synthetic import sweep
 from rareret.synthetic.spec import Sweep, TaskMixture
@@ -184,7 +186,8 @@ MIXTURE = TaskMixture(num_tasks=4, task_dim=3, input_dim=16, beta=1.0)
 
 def test_diverging_model_is_frozen_and_flagged(tmp_path):
     common = dict(widths=(2, 5), batch_size=64, num_steps=60, record_every=20, warmup_steps=5)
-    for name, rates in (("both", (1e-3, 1e30)), ("sane", 1e-3)):
+    # "sane" has the shapes of "both" (its programs come from the cache), no absurd rate.
+    for name, rates in (("both", (1e-3, 1e30)), ("sane", (1e-3, 1e-3))):
         program = sweep.SweepProgram(MIXTURE, Sweep(learning_rate=rates, **common))
         Run(program, str(tmp_path / name), show_progress=False).execute()
     both = store.open_metrics(str(tmp_path / "both" / "metrics"))
@@ -197,8 +200,9 @@ def test_diverging_model_is_frozen_and_flagged(tmp_path):
     np.testing.assert_array_equal(both.read("alignment")[-1, absurd],
                                   both.read("alignment")[-2, absurd])
     # The others match a run without the diverging model.
-    np.testing.assert_allclose(both.read("task_loss")[:, ~absurd], sane.read("task_loss"),
-                               rtol=1e-4, atol=1e-6)
+    assert not sane.read("diverged").any()
+    np.testing.assert_allclose(both.read("task_loss")[:, ~absurd],
+                               sane.read("task_loss")[:, ~absurd], rtol=1e-4, atol=1e-6)
     from rareret.analysis import report
     text = pathlib.Path(report.write_report(str(tmp_path / "both"))).read_text()
     assert "diverged" in text
@@ -235,11 +239,29 @@ LM_BINDINGS = ["LmTrain.seq_len = 32", "LmTrain.global_batch = 8", "LmTrain.num_
                "LmTrain.eval_instances = 64", "LmTrain.probe_every = 12",
                "LmTrain.interference_every = 16"]
 LM_GIN = pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / "lm" / "tiny.gin"
+LM_TOKENIZER = pathlib.Path(__file__).resolve().parent / "data" / "lm_tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def lm_data(tmp_path_factory) -> list[str]:
+    """Bindings for a small Dolma shard and its pre-trained tokenizer (tests/test_lm_train.py's),
+    for a launch that need not build the embedded corpus and train a tokenizer first."""
+    shard = data.write_shard(tmp_path_factory.mktemp("lm_corpus") / "golden.jsonl.gz",
+                             golden_documents())
+    return [f"LmTrain.data = '{shard}'", f"LmTrain.tokenizer = '{LM_TOKENIZER}'"]
+
+
+def lm_env() -> dict:
+    """LLVM's expensive passes off (as tests/test_lm_train.py's sharded run): a third less
+    compile time; every launch of a comparison gets the same flags."""
+    return {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0 "
+                                       "--xla_llvm_disable_expensive_passes=true"}
 
 
 def lm_command(workdir, *extra):
+    """An LM run through the CLI; no report (what these tests read is the metrics)."""
     return [sys.executable, "-m", "rareret.main", f"--gin_file={LM_GIN}", f"--workdir={workdir}",
-            *[f"--gin_bindings={b}" for b in LM_BINDINGS + list(extra)]]
+            "--noreport", *[f"--gin_bindings={b}" for b in LM_BINDINGS + list(extra)]]
 
 
 def lm_arrays(workdir) -> dict:
@@ -274,34 +296,49 @@ def check_lm_evidence(workdir, arrays) -> None:
 
 
 def test_lm_kill9_at_three_points_resumes_bit_identically(tmp_path):
+    # tiny.gin's own data (the embedded corpus, rewritten by every launch; a tokenizer trained
+    # into the workdir): resuming over it is part of what is checked. The uninterrupted
+    # reference runs beside the killed runs (nothing shared but the compilation cache), which
+    # start once its first two records are in: by then it has compiled (and cached) the train
+    # step and every measurement, so the two cores are not both compiling the same programs.
     reference = tmp_path / "reference"
-    proc = subprocess.run(lm_command(reference), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    straight = subprocess.Popen(lm_command(reference), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=lm_env())
+    try:
+        while committed(reference) < 2 and straight.poll() is None:
+            time.sleep(0.05)
+        workdir = tmp_path / "run"
+        for records in (3, 6, 10):  # Between checkpoints and right after them (of 13).
+            proc = subprocess.Popen(lm_command(workdir), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, env=lm_env())
+            try:
+                while committed(workdir) < records and proc.poll() is None:
+                    time.sleep(0.02)
+                assert proc.poll() is None, "the run finished before it was killed"
+                proc.kill()
+            finally:
+                proc.wait()
+        proc = subprocess.run(lm_command(workdir), capture_output=True, text=True,
+                              timeout=300, env=lm_env())
+        assert proc.returncode == 0, proc.stderr
+        _, stderr = straight.communicate(timeout=300)
+        assert straight.returncode == 0, stderr
+    finally:
+        if straight.poll() is None:
+            straight.kill()
+            straight.wait()
     expected = lm_arrays(reference)
     check_lm_evidence(reference, expected)
-    workdir = tmp_path / "run"
-    for records in (3, 6, 10):  # Between checkpoints and right after them (of 13).
-        proc = subprocess.Popen(lm_command(workdir), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        try:
-            while committed(workdir) < records and proc.poll() is None:
-                time.sleep(0.02)
-            assert proc.poll() is None, "the run finished before it was killed"
-            proc.kill()
-        finally:
-            proc.wait()
-    proc = subprocess.run(lm_command(workdir), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
     resumed = lm_arrays(workdir)
     for name, values in expected.items():
         np.testing.assert_array_equal(resumed[name], values, err_msg=name)
 
 
-def test_lm_divergence_stops_with_a_diagnostic(tmp_path):
+def test_lm_divergence_stops_with_a_diagnostic(tmp_path, lm_data):
     workdir = tmp_path / "run"
-    proc = subprocess.run(lm_command(workdir, "LmTrain.learning_rate = 1e30",
+    proc = subprocess.run(lm_command(workdir, *lm_data, "LmTrain.learning_rate = 1e30",
                                      "LmTrain.clip_norm = 1e30"),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=lm_env())
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("rareret: error:")]
     assert len(lines) == 1 and "diverged" in lines[0] and "by step" in lines[0], proc.stderr

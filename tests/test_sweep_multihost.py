@@ -48,8 +48,11 @@ def compilation_cache(tmp_path_factory):
 
 
 def env(devices: int = 1) -> dict:
+    """Every launch's environment (LLVM's expensive passes off: short runs, compile-bound)."""
     return {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_ENV,
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+                         "--xla_backend_optimization_level=0 "
+                         "--xla_llvm_disable_expensive_passes=true"}
 
 
 def free_port() -> int:
