@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from xla_cache import persistent_compilation_cache
+from xla_cache import module_cache
 
 DEFAULT_GIN = pathlib.Path(__file__).resolve().parents[1] / "gin_configs/synthetic/default.gin"
 TINY = ["TaskMixture.num_tasks = 4", "TaskMixture.task_dim = 4", "TaskMixture.input_dim = 16",
@@ -21,15 +21,7 @@ TINY = ["TaskMixture.num_tasks = 4", "TaskMixture.task_dim = 4", "TaskMixture.in
 
 
 CACHE_ENV: dict[str, str] = {}  # The persistent compilation cache, for every call.
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs here compile the same tiny sweep's programs: one cache."""
-    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")) as env:
-        CACHE_ENV.update(env)
-        yield
-        CACHE_ENV.clear()
+compilation_cache = module_cache(CACHE_ENV)  # The runs compile the same tiny sweep.
 
 
 def rareret(*args, cwd):

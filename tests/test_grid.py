@@ -18,7 +18,7 @@ from rareret.analysis import grid_report
 from rareret.errors import ConfigError
 from rareret.grid import manifest
 from rareret.grid_spec import Grid
-from xla_cache import persistent_compilation_cache
+from xla_cache import module_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"""include '{REPO}/gin_configs/synthetic/default.gin'
@@ -33,15 +33,8 @@ Sweep.batch_size = 64
 
 
 CACHE_ENV: dict[str, str] = {}  # The persistent compilation cache, for every cell's process.
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The cells of a grid (and the grids here) compile the same programs: one cache."""
-    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")) as env:
-        CACHE_ENV.update(env)
-        yield
-        CACHE_ENV.clear()
+# The cells of a grid (and the grids) compile the same programs.
+compilation_cache = module_cache(CACHE_ENV)
 
 
 def grid_env() -> dict:

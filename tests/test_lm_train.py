@@ -43,7 +43,7 @@ from rareret.lm import data, inject, measurements, train
 from rareret.lm.spec import LmTrain
 from rareret.mesh_spec import MeshSpec
 from rareret.run import Run
-from xla_cache import persistent_compilation_cache
+from xla_cache import module_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_GIN = REPO / "gin_configs" / "lm" / "tiny.gin"
@@ -58,16 +58,8 @@ def shard(tmp_path_factory):
 
 
 CACHE_ENV: dict[str, str] = {}  # The persistent compilation cache, for CLI subprocesses too.
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every `run_lm` builds a new `LmModel`, and the CLI tests start new processes: all take
-    their programs from one cache."""
-    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")) as env:
-        CACHE_ENV.update(env)
-        yield
-        CACHE_ENV.clear()
+# Every `run_lm` builds a new `LmModel`, and the CLI tests start new processes.
+compilation_cache = module_cache(CACHE_ENV)
 
 
 def tiny_spec(shard_path, **overrides) -> LmTrain:

@@ -14,10 +14,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from rareret import store
-from xla_cache import persistent_compilation_cache
+from xla_cache import module_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BINDINGS = ["TaskMixture.num_tasks = 6", "TaskMixture.task_dim = 4",
@@ -35,16 +34,8 @@ def argv(workdir, *extra) -> list[str]:
 
 
 CACHE_ENV: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The two two-process launches compile the same programs: the second takes them from a
-    persistent cache."""
-    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")) as cache_env:
-        CACHE_ENV.update(cache_env)
-        yield
-        CACHE_ENV.clear()
+# The two two-process launches compile the same programs.
+compilation_cache = module_cache(CACHE_ENV)
 
 
 def env(devices: int = 1) -> dict:

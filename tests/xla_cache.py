@@ -5,6 +5,7 @@ Results are those of the same executables either way."""
 import contextlib
 
 import jax
+import pytest
 
 
 @contextlib.contextmanager
@@ -30,3 +31,15 @@ def persistent_compilation_cache(directory):
         for name, value in previous.items():
             jax.config.update(name, value)
         reset()
+
+
+def module_cache(env: dict):
+    """A module-scoped autouse fixture: the module's runs share one persistent cache, and `env`
+    holds the variables that give its child processes the same cache while it is active."""
+    @pytest.fixture(scope="module", autouse=True)
+    def compilation_cache(tmp_path_factory):
+        with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")) as cache_env:
+            env.update(cache_env)
+            yield
+            env.clear()
+    return compilation_cache
