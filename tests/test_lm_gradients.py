@@ -14,6 +14,7 @@ fsdp=4 (`gradients.fsdp_gradients`) against the same record on one device.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -251,8 +252,8 @@ def test_reference_chunks_hold_no_more_tokens_than_a_batch(instances, length, ba
 def fsdp_child() -> dict:
     """The record of a one-layer decoder (d_model 64, vocab 512; B = 4, L = 64; 62 instances per
     task in 2 chunks: padded to 2 × 4 × 8 on 4 devices) on a mesh fsdp=4 and on one device: each
-    field's largest difference (relative to its largest value), and each program's
-    temporaries per device."""
+    field's largest difference (relative to its largest value), each program's temporaries
+    per device, and the shapes the fsdp program reduce-scatters (gradients it sums)."""
     from rareret import sharding
     from rareret.lm import train
     from rareret.mesh_spec import MeshSpec
@@ -280,6 +281,8 @@ def fsdp_child() -> dict:
     out = {name: compiled(*args) for name, (compiled, args) in programs.items()}
     return {"temp": {name: compiled.memory_analysis().temp_size_in_bytes
                      for name, (compiled, _) in programs.items()},
+            "scattered": sorted(set(re.findall(r"(\S+) reduce-scatter\(",
+                                               programs["fsdp"][0].as_text()))),
             "difference": {field: float(np.max(np.abs(np.asarray(a, np.float64) - b))
                                         / np.max(np.abs(b)))
                            for field, a, b in zip(gradients.LmInterference._fields,
@@ -290,7 +293,9 @@ def fsdp_child() -> dict:
 def test_fsdp_record_matches_one_device_with_a_share_of_its_memory():
     """The record on a mesh fsdp=4 equals the one-device record up to float32 summation order,
     and each device keeps at most 60% of the one device's temporaries (measured: 49%; left to
-    GSPMD, every device ran whole chunks of g_r's instances and the whole batch's logits: 75%)."""
+    GSPMD, every device ran whole chunks of g_r's instances and the whole batch's logits: 75%).
+    No gradient but the first-layer MLP's is summed: the head's [D, V] (V = 512) was, before
+    the model's products skipped gradients of weights not differentiated."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
                         "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
@@ -303,6 +308,7 @@ def test_fsdp_record_matches_one_device_with_a_share_of_its_memory():
     assert result["finite"] and difference["neurons"] == difference["task_tokens"] == 0, result
     assert max(difference.values()) < 1e-5, result
     assert result["temp"]["fsdp"] <= 0.6 * result["temp"]["one"], result
+    assert result["scattered"] and not any("512" in shape for shape in result["scattered"]), result
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--fsdp-child"]:

@@ -41,6 +41,7 @@ E head dimension, F MLP hidden width, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -116,6 +117,9 @@ def _fsdp_product(product, dim: int):
     weight stayed from the forward pass to the backward pass), and its CPU scheduler left
     every reduce-scatter to the end of the backward pass (every whole gradient live until
     then): 3.0 GB of temporaries per device for the 300M rung on 4 devices, 0.8 GB tied.
+    A weight that is not differentiated (`symbolic_zeros` tells) gets no gradient and no tie:
+    tied, a record's first-layer-MLP gradients (`gradients.fsdp_gradients`) computed and
+    summed the gradient of every weight after that MLP too.
     """
     gather = functools.partial(jax.lax.all_gather, axis_name=FSDP_AXIS, axis=dim, tiled=True)
 
@@ -124,16 +128,26 @@ def _fsdp_product(product, dim: int):
         return product(x, gather(_after(w, x)))
 
     def forward(x, w):
-        return fsdp_product(x, w), (x, w)
+        return fsdp_product(x.value, w.value), (x.value, w.value, _Flag(w.perturbed))
 
     def backward(residuals, dy):
-        x, w = residuals
+        x, w, differentiated = residuals
         dx, dw_whole = jax.vjp(product, x, gather(_after(w, dy)))[1](dy)
+        if not differentiated.value:
+            return dx, None
         dw = jax.lax.psum_scatter(dw_whole, FSDP_AXIS, scatter_dimension=dim, tiled=True)
         return _after(dx, dw), dw
 
-    fsdp_product.defvjp(forward, backward)
+    fsdp_product.defvjp(forward, backward, symbolic_zeros=True)
     return fsdp_product
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    """A static bool among a custom VJP's residuals (a pytree without leaves)."""
+
+    value: bool
 
 
 def _after(value: jax.Array, anchor: jax.Array) -> jax.Array:
