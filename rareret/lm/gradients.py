@@ -256,18 +256,10 @@ def batch_part_gradients(config, params, tokens_BxL: jax.Array, owner: jax.Array
 
     # Text positions (owner K) fall outside task_gradients' K tasks: weight 0. The rows' pass
     # waits for g's: XLA ran them side by side, both passes' logits live at once.
-    tasks = interference.task_gradients(example_losses, after(group, full), sub_owner,
+    tasks = interference.task_gradients(example_losses, lm_model.after(group, full), sub_owner,
                                         num_tasks, task_chunk)
     text = jax.tree.map(lambda f, t: f - jnp.sum(t, axis=0), full, tasks)
     return jax.tree.map(lambda t, x: jnp.concatenate([t, x[None]]), tasks, text), counts
-
-
-def after(tree, anchor):
-    """`tree` made to depend on all of `anchor` (adding 0 · an element of each leaf, as
-    `model._after` does; a non-finite anchor turns it NaN): XLA then computes what uses it only
-    once `anchor` is done, so the two computations' temporaries are never live together."""
-    zero = sum(0 * leaf.reshape(-1)[0] for leaf in jax.tree.leaves(anchor))
-    return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
 
 def take(tree, k):
@@ -382,7 +374,7 @@ def record_gradients(config, params, tokens_BxL: jax.Array, owner: jax.Array,
     """(`weighted_reference_gradients`, `batch_part_gradients`' parts), the batch's passes after
     g_r's (XLA overlapped them: their logits live at once)."""
     refs = weighted_reference_gradients(config, params, task_instances, weights, chunks)
-    params = with_mlp_group(params, after(mlp_group(params), refs))
+    params = with_mlp_group(params, lm_model.after(mlp_group(params), refs))
     parts, _ = batch_part_gradients(config, params, tokens_BxL, owner, task_instances.shape[0],
                                     task_rows, task_chunk)
     return refs, parts

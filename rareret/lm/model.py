@@ -112,7 +112,7 @@ def _fsdp_product(product, dim: int):
     only the shard), and its gradient is summed straight into this device's shard (a
     reduce-scatter), block by block as the backward pass reaches it.
 
-    Each gather and reduce-scatter is tied to the data it serves (`_after`). Untied, XLA
+    Each gather and reduce-scatter is tied to the data it serves (`after`). Untied, XLA
     merged the forward, rematerialised and backward gathers of a weight (so every gathered
     weight stayed from the forward pass to the backward pass), and its CPU scheduler left
     every reduce-scatter to the end of the backward pass (every whole gradient live until
@@ -125,18 +125,18 @@ def _fsdp_product(product, dim: int):
 
     @jax.custom_vjp
     def fsdp_product(x, w):
-        return product(x, gather(_after(w, x)))
+        return product(x, gather(after(w, x)))
 
     def forward(x, w):
         return fsdp_product(x.value, w.value), (x.value, w.value, _Flag(w.perturbed))
 
     def backward(residuals, dy):
         x, w, differentiated = residuals
-        dx, dw_whole = jax.vjp(product, x, gather(_after(w, dy)))[1](dy)
+        dx, dw_whole = jax.vjp(product, x, gather(after(w, dy)))[1](dy)
         if not differentiated.value:
             return dx, None
         dw = jax.lax.psum_scatter(dw_whole, FSDP_AXIS, scatter_dimension=dim, tiled=True)
-        return _after(dx, dw), dw
+        return after(dx, dw), dw
 
     fsdp_product.defvjp(forward, backward, symbolic_zeros=True)
     return fsdp_product
@@ -150,12 +150,16 @@ class _Flag:
     value: bool
 
 
-def _after(value: jax.Array, anchor: jax.Array) -> jax.Array:
-    """`value` made to depend on `anchor` (adding 0 · its first element; 0 · x is not folded
-    away for floats, and with a non-finite anchor the value turns NaN, as the step's result
-    would anyway): XLA then computes it only once `anchor` exists and never merges it with the
-    same computation on another anchor (optimisation barriers did neither on the CPU backend)."""
-    return value + (0 * anchor.reshape(-1)[0]).astype(value.dtype)
+def after(value, anchor):
+    """`value` (an array or a tree of them) made to depend on every array of `anchor` (adding
+    0 · each one's first element; 0 · x is not folded away for floats, and with a non-finite
+    anchor the value turns NaN, as the step's result would anyway): XLA then computes it only
+    once `anchor` exists, never merges it with the same computation on another anchor, and
+    never holds both computations' temporaries at once (optimisation barriers did none of
+    this on the CPU backend)."""
+    zeros = [0 * leaf.reshape(-1)[0] for leaf in jax.tree.leaves(anchor)]
+    zero = sum(zeros[1:], zeros[0])
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype), value)
 
 
 def _layer_norm(x: jax.Array, eps: float) -> jax.Array:
