@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from xla_cache import module_cache
+from xla_cache import FAST_COMPILE, module_cache
 
 DEFAULT_GIN = pathlib.Path(__file__).resolve().parents[1] / "gin_configs/synthetic/default.gin"
 TINY = ["TaskMixture.num_tasks = 4", "TaskMixture.task_dim = 4", "TaskMixture.input_dim = 16",
@@ -27,9 +27,7 @@ compilation_cache = module_cache(CACHE_ENV)  # The runs compile the same tiny sw
 def rareret(*args, cwd):
     argv = [sys.executable, "-m", "rareret.main", f"--gin_file={DEFAULT_GIN}"]
     argv += [f"--gin_bindings={b}" for b in TINY] + [str(a) for a in args]
-    # LLVM's expensive passes off: these runs' few steps take far less than their compiles.
-    env = {**os.environ, **CACHE_ENV, "XLA_FLAGS": "--xla_backend_optimization_level=0 "
-                                                   "--xla_llvm_disable_expensive_passes=true"}
+    env = {**os.environ, **CACHE_ENV, "XLA_FLAGS": FAST_COMPILE}
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from child_signals import terminate_once_training
 from rareret.analysis import scaling_law, studies
+from xla_cache import FAST_COMPILE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -54,10 +55,7 @@ def test_every_cpu_config_runs_a_few_steps(tmp_path, job):
             *(f"--gin_bindings={b}" for b in few_step_bindings(job))]
     if job.grid:
         argv.append("--cells=0")
-    # LLVM's expensive passes off: a few steps run in far less time than their programs take
-    # to compile (a third less with these flags; the same programs to XLA's HLO passes).
-    env = {**ENV, "XLA_FLAGS": "--xla_backend_optimization_level=0 "
-                               "--xla_llvm_disable_expensive_passes=true"}
+    env = {**ENV, "XLA_FLAGS": FAST_COMPILE}
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -18,7 +18,7 @@ from rareret.analysis import grid_report
 from rareret.errors import ConfigError
 from rareret.grid import manifest
 from rareret.grid_spec import Grid
-from xla_cache import module_cache
+from xla_cache import FAST_COMPILE, module_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"""include '{REPO}/gin_configs/synthetic/default.gin'
@@ -38,10 +38,7 @@ compilation_cache = module_cache(CACHE_ENV)
 
 
 def grid_env() -> dict:
-    # LLVM's expensive passes off: these runs' few steps take far less than their compiles.
-    return {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_ENV,
-            "XLA_FLAGS": "--xla_backend_optimization_level=0 "
-                         "--xla_llvm_disable_expensive_passes=true"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_ENV, "XLA_FLAGS": FAST_COMPILE}
 
 
 def grid_cli(*args, cwd):

@@ -12,14 +12,12 @@ fsdp=8 and data=2,fsdp=4); `tools/bench_lm.py --memory --devices 4` measures the
 """
 
 import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from forced_devices import child_json
+
 VOCAB, SEQ_LEN, BATCH = 2048, 64, 4
 
 
@@ -70,13 +68,8 @@ def child() -> dict:
 
 
 def test_explicit_fsdp_matches_one_device_and_keeps_no_whole_gradients(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
-                        "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-    proc = subprocess.run([sys.executable, __file__, "--child"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = child_json(__file__, "--child", devices=4,
+                        flags="--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
     print(result)
     np.testing.assert_allclose(result["split_loss"], result["loss"], rtol=1e-6)
     assert result["max_relative_grad_error"] < 1e-5, result

@@ -12,10 +12,7 @@ fsdp=4 (`gradients.fsdp_gradients`) against the same record on one device.
 """
 
 import json
-import os
-import pathlib
 import re
-import subprocess
 import sys
 
 import jax
@@ -24,11 +21,11 @@ import numpy as np
 import optax
 import pytest
 
+from forced_devices import child_json
 from rareret.lm import gradients, inject, measurements
 from rareret.lm import model as lm_model
 from rareret.lm.config import OlmoConfig
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = OlmoConfig(d_model=32, n_layers=2, n_heads=4, vocab_size=128, max_seq_len=16)
 B, L, EOS = 4, 16, 127
 INSTANCES, TOP_K, STEP = 64, 8, 0
@@ -296,13 +293,8 @@ def test_fsdp_record_matches_one_device_with_a_share_of_its_memory():
     GSPMD, every device ran whole chunks of g_r's instances and the whole batch's logits: 75%).
     No gradient but the first-layer MLP's is summed: the head's [D, V] (V = 512) was, before
     the model's products skipped gradients of weights not differentiated."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
-                        "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-    proc = subprocess.run([sys.executable, __file__, "--fsdp-child"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = child_json(__file__, "--fsdp-child", devices=4,
+                        flags="--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
     print(result)
     difference = result["difference"]
     assert result["finite"] and difference["neurons"] == difference["task_tokens"] == 0, result

@@ -25,6 +25,7 @@ import pytest
 from lm_corpus import golden_documents
 from rareret import store
 from rareret.lm import data
+from xla_cache import FAST_COMPILE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_GIN = REPO / "gin_configs/lm/tiny.gin"
@@ -70,11 +71,7 @@ def _launch(workdir, bindings, log, devices=1, process_id=None, port=None, extra
     env.update(JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "xla_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    # LLVM's expensive passes off (as tests/test_lm_train.py's sharded run): a third less
-    # compile time, the same partitioning and collectives; every launch gets the same flags.
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_backend_optimization_level=0 "
-                        "--xla_llvm_disable_expensive_passes=true")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
     out = open(log, "w")
     try:
         return subprocess.Popen(argv, cwd=workdir.parent, env=env, stdout=out,

@@ -14,6 +14,7 @@ import pytest
 
 from lm_corpus import golden_documents
 from rareret.lm import data, ladder, probe_cli
+from xla_cache import FAST_COMPILE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "data" / "lm_tokenizer.json"
@@ -21,11 +22,7 @@ N_LAYERS = ladder.config_for("tiny").n_layers
 
 
 def env() -> dict:
-    # One CPU device; LLVM's expensive passes off: a third less compile time for these short
-    # runs (the same programs to XLA's HLO passes).
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_backend_optimization_level=0 "
-                         "--xla_llvm_disable_expensive_passes=true"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}  # One CPU device.
 
 
 def python(*args, timeout=300) -> subprocess.CompletedProcess:

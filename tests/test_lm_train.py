@@ -43,7 +43,7 @@ from rareret.lm import data, inject, measurements, train
 from rareret.lm.spec import LmTrain
 from rareret.mesh_spec import MeshSpec
 from rareret.run import Run
-from xla_cache import module_cache
+from xla_cache import FAST_COMPILE, module_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_GIN = REPO / "gin_configs" / "lm" / "tiny.gin"
@@ -344,9 +344,7 @@ def sharded_run(request, tmp_path_factory):
     if not any(item.name == "test_sharded_matches_unsharded" for item in request.session.items):
         yield None
         return
-    # LLVM's expensive passes off: a third less compile time, the same HLO partitioning.
-    flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
+    flags = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     directory = tmp_path_factory.mktemp("sharded")
     with open(directory / "stdout", "w") as out, open(directory / "stderr", "w") as err:

@@ -20,7 +20,7 @@ from rareret.lm import data
 from rareret.run import Run
 from rareret.synthetic import sweep
 from rareret.synthetic.spec import Sweep, TaskMixture
-from xla_cache import persistent_compilation_cache
+from xla_cache import FAST_COMPILE, persistent_compilation_cache
 
 BINDINGS = [
     "TaskMixture.num_tasks = 6", "TaskMixture.task_dim = 4", "TaskMixture.input_dim = 32",
@@ -252,10 +252,8 @@ def lm_data(tmp_path_factory) -> list[str]:
 
 
 def lm_env() -> dict:
-    """LLVM's expensive passes off (as tests/test_lm_train.py's sharded run): a third less
-    compile time; every launch of a comparison gets the same flags."""
-    return {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0 "
-                                       "--xla_llvm_disable_expensive_passes=true"}
+    """Every LM launch's environment (`FAST_COMPILE`)."""
+    return {**os.environ, "XLA_FLAGS": FAST_COMPILE}
 
 
 def lm_command(workdir, *extra):

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from rareret import store
-from xla_cache import module_cache
+from xla_cache import FAST_COMPILE, module_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BINDINGS = ["TaskMixture.num_tasks = 6", "TaskMixture.task_dim = 4",
@@ -41,9 +41,7 @@ compilation_cache = module_cache(CACHE_ENV)
 def env(devices: int = 1) -> dict:
     """Every launch's environment (LLVM's expensive passes off: short runs, compile-bound)."""
     return {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_ENV,
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-                         "--xla_backend_optimization_level=0 "
-                         "--xla_llvm_disable_expensive_passes=true"}
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
 
 
 def free_port() -> int:

@@ -26,9 +26,11 @@ import jax
 import numpy as np
 import pytest
 
+from forced_devices import child_json
 from rareret.checkpoint import Checkpoints
 from rareret.synthetic import sweep
 from rareret.synthetic.spec import Injection, Sweep, TaskMixture
+from xla_cache import FAST_COMPILE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MIX = TaskMixture(num_tasks=6, task_dim=4, input_dim=32)
@@ -173,15 +175,9 @@ def first_copies(run: dict, copies: int) -> dict:
 
 
 def test_sharded_sweep_equals_one_device(tmp_path):
-    # LLVM's expensive passes off: the child compiles ~20 programs it runs for a few steps.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-                        "--xla_backend_optimization_level=0 "
-                        "--xla_llvm_disable_expensive_passes=true"}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path / "checkpoints")], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The child compiles ~20 programs it runs for a few steps.
+    runs = child_json(__file__, tmp_path / "checkpoints", devices=8, flags=FAST_COMPILE,
+                      timeout=600)
     meshes = {name: tuple(run["mesh"].values()) for name, run in runs.items()}
     assert meshes == {"1": (1, 1, 1, 1), "8": (1, 2, 1, 4), "6 of 8": (1, 2, 1, 3),
                       "widths, 1": (1, 1, 1, 1), "widths, 8": (1, 2, 2, 2),

@@ -1,11 +1,16 @@
 """A persistent XLA compilation cache for a test module whose runs recompile the same programs
 (each new program object compiles again; with the cache only the first compile is paid).
-Results are those of the same executables either way."""
+Results are those of the same executables either way. `FAST_COMPILE`: XLA flags for child
+processes whose few steps take far less than their compiles."""
 
 import contextlib
 
 import jax
 import pytest
+
+# LLVM's expensive passes off: about a third less compile time, the same HLO (partitioning,
+# collectives); every launch of a comparison must get the same flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @contextlib.contextmanager
