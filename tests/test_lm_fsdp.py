@@ -12,6 +12,7 @@ fsdp=8 and data=2,fsdp=4); `tools/bench_lm.py --memory --devices 4` measures the
 """
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -37,11 +38,9 @@ def child() -> dict:
         devices = jax.devices()[:1] if mesh_spec == MeshSpec(data=1) else None
         return train.LmModel(spec, VOCAB, sharding.make_mesh(mesh_spec, devices))
 
-    def temp_bytes(model) -> int:
+    def lowered_step(model):
         batch = jax.ShapeDtypeStruct((BATCH, SEQ_LEN), np.int32, sharding=model.batch_sharding)
-        compiled = model.traced(lambda: model.train_step.lower(model.abstract_state(), batch)
-                                .compile())
-        return compiled.memory_analysis().temp_size_in_bytes
+        return model.traced(lambda: model.train_step.lower(model.abstract_state(), batch))
 
     tokens = np.random.default_rng(0).integers(1, VOCAB, (BATCH, SEQ_LEN), dtype=np.int32)
     one = lm_model_on(MeshSpec(data=1), "float32")
@@ -60,11 +59,16 @@ def child() -> dict:
     shard_shapes = sorted({tuple(g.addressable_shards[0].data.shape)
                            for g in jax.tree.leaves(split_grads)})
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    fsdp_step = lowered_step(lm_model_on(MeshSpec(data=1, fsdp=4)))
     return {"loss": float(loss), "split_loss": float(split_loss),
             "max_relative_grad_error": max(grad_errors), "shard_shapes": shard_shapes,
             "param_bytes": param_bytes,
-            "data_temp": temp_bytes(lm_model_on(MeshSpec(data=4))),
-            "fsdp_temp": temp_bytes(lm_model_on(MeshSpec(data=1, fsdp=4)))}
+            "data_temp": lowered_step(lm_model_on(MeshSpec(data=4)))
+            .compile().memory_analysis().temp_size_in_bytes,
+            "fsdp_temp": fsdp_step.compile().memory_analysis().temp_size_in_bytes,
+            # What the model gathers (XLA's CPU backend then gathers bfloat16 as float32).
+            "gathered": sorted(set(re.findall(r"all_gather.* -> tensor<(\S+)>",
+                                              fsdp_step.as_text())))}
 
 
 def test_explicit_fsdp_matches_one_device_and_keeps_no_whole_gradients(tmp_path):
@@ -77,6 +81,11 @@ def test_explicit_fsdp_matches_one_device_and_keeps_no_whole_gradients(tmp_path)
     assert all(32 in shape for shape in result["shard_shapes"]), result["shard_shapes"]
     # Measured: data parallel 12.6 MB, FSDP 4.0 MB, parameters 6.3 MB (untied gathers: 7.8).
     assert result["fsdp_temp"] <= result["data_temp"] - result["param_bytes"], result
+    # Weights are gathered in the compute dtype, never as whole float32 copies, and the
+    # embedding [V, D] is never gathered: only the tokens are.
+    assert result["gathered"] and all(
+        shape.endswith(("xbf16", "xi32")) for shape in result["gathered"]), result["gathered"]
+    assert f"{VOCAB}x128x" not in " ".join(result["gathered"]), result["gathered"]
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--child"]:
