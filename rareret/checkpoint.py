@@ -33,6 +33,8 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state, iterator=None) -> None:
+        # The host copies come after the memory the computations before freed, not beside it.
+        host_malloc.release_free_memory()
         items = {"state": ocp.args.StandardSave(state)}
         if iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(iterator)
