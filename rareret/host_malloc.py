@@ -14,7 +14,10 @@ measured slower with a single arena.
 
 The heap then only grows: blocks freed between differently sized ones (a checkpoint's host
 copies, a record's temporaries) stay resident beside the next step's temporaries, and the peak
-crept up with every save. `release_free_memory` gives their pages back at such points.
+crept up with every save. `release_free_memory` gives their pages back at such points, and
+`release_after_compilations` after every XLA compilation: the compiler's freed memory, left
+resident, lay scattered between live blocks, and the program's first run then took fresh
+memory for its temporaries beside it.
 """
 
 from __future__ import annotations
@@ -52,3 +55,24 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+# jax's event after each XLA compilation (jax/_src/dispatch.py's BACKEND_COMPILE_EVENT).
+_COMPILED_EVENT = "/jax/core/compile/backend_compile_duration"
+_listening = False
+
+
+def release_after_compilations() -> None:
+    """Calls `release_free_memory` after every XLA compilation in this process, before the
+    compiled program first runs (a `jax.monitoring` listener; registered once)."""
+    global _listening
+    if not _listening:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(_after_compilation)
+        _listening = True
+
+
+def _after_compilation(event: str, duration_secs: float, **kwargs) -> None:
+    if event == _COMPILED_EVENT:
+        release_free_memory()

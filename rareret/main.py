@@ -66,6 +66,7 @@ def run(workdir: str, experiment: str = "synthetic",
     if experiment == "lm":
         host_malloc.reuse_freed_memory()  # Before JAX's CPU backend starts (see the module).
         schedule_for_memory()  # Likewise.
+        host_malloc.release_after_compilations()
         jobs = [(workdir, LmProgram(gin.get_configurable("LmTrain")()))]
     else:
         jobs = [(job_dir, SweepProgram(mixture, gin.get_configurable("Sweep")(), injection))

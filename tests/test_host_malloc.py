@@ -1,6 +1,7 @@
 """After `reuse_freed_memory`, a worker thread that allocates, touches and frees a large block
 again and again stops taking fresh page faults (glibc reuses the block instead of unmapping it),
-and `release_free_memory` gives a freed block's pages back.
+`release_free_memory` gives a freed block's pages back, and after `release_after_compilations`
+every XLA compilation does.
 Each case runs in a fresh interpreter, since malloc settings are process-wide."""
 
 import subprocess
@@ -69,3 +70,36 @@ def test_release_free_memory_returns_the_freed_pages():
     out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True,
                          check=True)
     assert float(out.stdout) > 80  # MB of the freed 96 MiB block.
+
+
+COMPILE_PROBE = """
+import ctypes, ctypes.util, sys
+from rareret import host_malloc
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+assert host_malloc.reuse_freed_memory()
+if sys.argv[1] == "listen":
+    host_malloc.release_after_compilations()
+import jax
+jax.devices()  # The backend starts; nothing is compiled yet.
+block = libc.malloc(256 * 2**20)
+ctypes.memset(block, 1, 256 * 2**20)
+libc.free(block)  # Kept resident: glibc no longer trims.
+kept = rss_mb()
+jax.jit(lambda x: x + 1).lower(1.0).compile()
+print(kept - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_compilations_return_the_freed_pages():
+    def released_mb(mode: str) -> float:
+        return float(subprocess.run([sys.executable, "-c", COMPILE_PROBE, mode],
+                                    capture_output=True, text=True, check=True).stdout)
+
+    assert released_mb("listen") > 150  # MB of the freed 256 MiB block, less the compiler's.
+    assert released_mb("off") < 0  # The compiler's memory comes on top.

@@ -578,8 +578,10 @@ def main() -> None:
     # As the CLI's LM runs do, before JAX and torch start threads; both sides run under it.
     print(f"glibc malloc set to reuse freed memory: {host_malloc.reuse_freed_memory()}")
     schedule_for_memory()  # Also as the CLI's LM runs do.
-    if not gpu:  # Before jax and torch are imported.
-        os.environ["JAX_PLATFORMS"] = "cpu"
+    if not gpu:  # Before JAX's backend starts and torch is imported.
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")  # jax read JAX_PLATFORMS on import.
         if args.memory and args.devices > 1:
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
                                        f"platform_device_count={args.devices}")
@@ -587,6 +589,7 @@ def main() -> None:
             os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
         args.cpus = len(pin_cpus(args.cpus))
         args.torch_threads = args.torch_threads or args.cpus
+    host_malloc.release_after_compilations()
     summary = (memory_mode(args) if args.memory else gpu_mode(args) if gpu
                else cpu_mode(args))
     print(json.dumps(summary))
