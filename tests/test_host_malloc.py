@@ -46,8 +46,8 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert faults_per_reuse("reuse") < pages // 20
 
 
-RELEASE_PROBE = """
-import ctypes, ctypes.util
+FREED_BLOCK = """
+import ctypes, ctypes.util, sys
 from rareret import host_malloc
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
@@ -55,10 +55,15 @@ libc.free.argtypes = [ctypes.c_void_p]
 def rss_mb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+def free_a_touched_block(mib):  # Kept resident: glibc no longer trims.
+    block = libc.malloc(mib * 2**20)
+    ctypes.memset(block, 1, mib * 2**20)
+    libc.free(block)
 assert host_malloc.reuse_freed_memory()
-block = libc.malloc(96 * 2**20)
-ctypes.memset(block, 1, 96 * 2**20)
-libc.free(block)  # Kept resident: glibc no longer trims.
+"""
+
+RELEASE_PROBE = FREED_BLOCK + """
+free_a_touched_block(96)
 kept = rss_mb()
 host_malloc.release_free_memory()
 print(kept - rss_mb())
@@ -72,23 +77,12 @@ def test_release_free_memory_returns_the_freed_pages():
     assert float(out.stdout) > 80  # MB of the freed 96 MiB block.
 
 
-COMPILE_PROBE = """
-import ctypes, ctypes.util, sys
-from rareret import host_malloc
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-def rss_mb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-assert host_malloc.reuse_freed_memory()
+COMPILE_PROBE = FREED_BLOCK + """
 if sys.argv[1] == "listen":
     host_malloc.release_after_compilations()
 import jax
 jax.devices()  # The backend starts; nothing is compiled yet.
-block = libc.malloc(256 * 2**20)
-ctypes.memset(block, 1, 256 * 2**20)
-libc.free(block)  # Kept resident: glibc no longer trims.
+free_a_touched_block(256)
 kept = rss_mb()
 jax.jit(lambda x: x + 1).lower(1.0).compile()
 print(kept - rss_mb())
