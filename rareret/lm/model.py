@@ -392,10 +392,15 @@ def apply_with_hidden(config: OlmoConfig, params: dict,
 
 
 def token_losses(config: OlmoConfig, params: dict, tokens_BxL: jax.Array) -> jax.Array:
-    """Next-token cross-entropy at every loss position, [B, L−1] (position p predicts p+1)."""
+    """Next-token cross-entropy at every loss position, [B, L−1] (position p predicts p+1).
+
+    The cross-entropy is taken at all L positions (the last one's target, wrapped round, is
+    dropped with its loss) rather than of the logits' first L − 1: their slice and its
+    gradient's padding were [B, L, V] copies (14 MB fewer temporaries per device for the 20M
+    step on 4 CPU devices)."""
     logits_BxLxV = apply(config, params, tokens_BxL)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV[:, :-1],
-                                                           tokens_BxL[:, 1:])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV, jnp.roll(tokens_BxL, -1, axis=1))[:, :-1]
 
 
 def next_token_loss(config: OlmoConfig, params: dict, tokens_BxL: jax.Array) -> jax.Array:
