@@ -6,6 +6,8 @@
     the parameters: a data-parallel device holds every whole gradient; an FSDP device should
     hold one block's gathered weights and gradients at a time. (Left to XLA, the gathers of a
     weight were merged, keeping every gathered weight from the forward to the backward pass.)
+  * it gathers weights in the compute dtype (bfloat16) and the tokens, never the embedding
+    table [V, D] (looked up in each device's columns instead).
 
 The step's end-to-end equality with unsharded training is in tests/test_lm_train.py (meshes
 fsdp=8 and data=2,fsdp=4); `tools/bench_lm.py --memory --devices 4` measures the 300M rung.
