@@ -485,10 +485,9 @@ def memory_mode(args) -> dict:
             setattr(program, name, lambda *a, method=getattr(program, name), phase=phase:
                     memory.measure(phase, lambda: method(*a)))
         run.start()
+        # The tool's own compile (a run compiles inside its first step); like every compile,
+        # its freed memory goes back (`host_malloc.release_after_compilations`).
         step = memory.measure("compile", lambda: step_memory(program.model, batch_dtype))
-        # This compile is the tool's own (a run compiles inside its first step): its freed
-        # memory goes back to the OS so that the run's phases do not start from it.
-        host_malloc.release_free_memory()
         save = run.checkpoints.save
         run.checkpoints.save = lambda *a: memory.measure("checkpoint", lambda: save(*a))
         while not run.done:
